@@ -1,0 +1,30 @@
+"""vlm: vision-language models in plain PyTorch (Qwen2-VL, LLaVA-OneVision, GLM-4.1V, GLM-4, GroupViT)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import errors
+from .generation import GenerationOutput, Sampling
+
+__all__ = ["load", "errors", "GenerationOutput", "Sampling"]
+
+
+def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", quantization: str | None = None,
+         revision: str | None = None):
+    """Load a checkpoint (local directory or hub repo id); the family is read from its config.json.
+
+    Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT).
+    """
+    from .checkpoint import read_config, resolve_device, resolve_dtype
+    from .families import detect_family
+    from .hub import resolve
+
+    if quantization is not None:
+        raise errors.InputError(f"quantization={quantization!r} is not supported yet; use None.")
+    directory = resolve(model, revision)
+    config = read_config(directory)
+    family = detect_family(config)
+    torch_device = resolve_device(device)
+    return family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))

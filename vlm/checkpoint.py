@@ -1,0 +1,214 @@
+"""Checkpoint reading: config.json in flat or nested layout, safetensors weights, device and dtype."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, MissingTensorError, UnexpectedTensorError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file, turning syntax errors into a CheckpointError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json.")
+    return read_json(path)
+
+
+def read_generation_config(directory: Path) -> dict[str, Any]:
+    """generation_config.json of a checkpoint directory, or {} when it has none."""
+    path = Path(directory) / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def sub_config(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested sub-config (`text_config`, `vision_config`) or, in the flat hub layout, the top level.
+
+    Top-level fields fill in what the nested dict lacks, so both layouts read the same.
+    """
+    nested = config.get(key)
+    if not isinstance(nested, dict):
+        return dict(config)
+    merged = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    merged.update(nested)
+    return merged
+
+
+def rope_config(text: dict[str, Any]) -> dict[str, Any]:
+    """Rotary settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (hub)."""
+    params = dict(text.get("rope_parameters") or {})
+    scaling = text.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    merged.setdefault("rope_theta", text.get("rope_theta", 10000.0))
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    merged["rope_type"] = "default" if kind == "mrope" else kind
+    if "partial_rotary_factor" not in merged and "partial_rotary_factor" in text:
+        merged["partial_rotary_factor"] = text["partial_rotary_factor"]
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` picks CUDA when available."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA, on CPU the faster of fp32 and bf16 for a decode-sized matmul."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return _faster_cpu_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+@lru_cache(maxsize=1)
+def _faster_cpu_dtype() -> torch.dtype:
+    """Time a matrix-vector product (the decode bottleneck) in fp32 and bf16; keep the faster."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(2048, 2048, dtype=dtype)
+        x = torch.randn(1, 2048, dtype=dtype)
+        torch.nn.functional.linear(x, weight)
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(x, weight)
+        timings[dtype] = time.perf_counter() - start
+    return min(timings, key=timings.get)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """Safetensors files of a checkpoint: those an index names, else every *.safetensors file."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no *.safetensors weights.")
+    return files
+
+
+def load_weights(
+    model: nn.Module,
+    directory: Path,
+    rename: Callable[[str], str | None],
+    dtype: torch.dtype,
+    device: torch.device,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Stream safetensors tensors straight into `model`'s (meta-device) parameters.
+
+    `rename` maps a checkpoint name to the model's name (None drops the tensor on purpose).
+    `tied` maps a parameter absent from the file to the one it shares storage with.
+    Each tensor is read and cast one at a time, so peak memory stays near the weights' size.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    expected = {name: p for name, p in _named_tensors(model)}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for file in weight_files(directory):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for key in reader.keys():
+                    name = rename(key)
+                    if name is None:
+                        continue
+                    if name not in expected:
+                        unexpected.append(key)
+                        continue
+                    tensor = reader.get_tensor(key)
+                    _assign(model, name, tensor, expected[name], dtype, device)
+                    seen.add(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"Cannot read weights from {file}: {exc}") from exc
+    for target, source in (tied or {}).items():
+        if target in expected and target not in seen and source in seen:
+            _set_tensor(model, target, _get_tensor(model, source))
+            seen.add(target)
+    if unexpected:
+        raise UnexpectedTensorError(
+            f"{directory} has {len(unexpected)} tensors this model does not use: {', '.join(sorted(unexpected)[:20])}"
+        )
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise MissingTensorError(f"{directory} lacks {len(missing)} tensors: {', '.join(missing[:20])}")
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if leaf not in module._non_persistent_buffers_set:
+            yield name, buf
+
+
+def _assign(model, name, tensor, target, dtype, device):
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"Tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}.")
+    keep_dtype = not tensor.is_floating_point() or not target.is_floating_point()
+    value = tensor.to(device=device, dtype=None if keep_dtype else dtype)
+    _set_tensor(model, name, value)
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, leaf)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+def prefix_renamer(table: list[tuple[str, str]]) -> Callable[[str], str]:
+    """A rename function from a declared table of (checkpoint prefix, model prefix) pairs; first match wins."""
+
+    def rename(key: str) -> str:
+        for source, target in table:
+            if key.startswith(source):
+                return target + key[len(source):]
+        return key
+
+    return rename

@@ -1,0 +1,41 @@
+"""Qwen2-VL family (Qwen/Qwen2-VL-2B-Instruct, 7B, 72B)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...checkpoint import load_weights, prefix_renamer, read_generation_config, sub_config
+from ...layers.decoder import DecoderConfig
+from ...pipeline import ChatPipeline, pad_id
+from ...tokenizer import Tokenizer
+from .inputs import Qwen2VLInputs, TokenIds
+from .model import TIED, WEIGHT_NAMES, Qwen2VL
+from .processor import VisionSettings
+from .tiny import write_tiny
+from .vision import VisionConfig
+
+__all__ = ["load", "write_tiny"]
+
+
+def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ChatPipeline:
+    """Build the model on the meta device, stream the weights in, and wrap it in a ChatPipeline."""
+    text_fields = sub_config(config, "text_config")
+    text = DecoderConfig.from_dict(text_fields)
+    vision = VisionConfig.from_dict(config.get("vision_config") or {}, text.hidden_size)
+    tokenizer = Tokenizer(directory)
+    generation = read_generation_config(directory)
+    ids = TokenIds(
+        image=config.get("image_token_id") or tokenizer.token_id("<|image_pad|>"),
+        video=config.get("video_token_id") or tokenizer.token_id("<|video_pad|>"),
+        pad=pad_id(generation, tokenizer),
+    )
+    with torch.device("meta"):
+        model = Qwen2VL(text, vision, ids.image, ids.video)
+    load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device, tied=TIED)
+    model.eval()
+    build_inputs = Qwen2VLInputs(tokenizer, VisionSettings.from_dir(directory), ids)
+    return ChatPipeline("qwen2_vl", model, tokenizer, build_inputs, generation, device, directory,
+                        max_context=text_fields.get("max_position_embeddings", 32768))

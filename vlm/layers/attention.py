@@ -1,0 +1,92 @@
+"""Scaled dot-product attention with a preallocated KV cache (written in place, gpt-fast style)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .rotary import apply_rotary
+
+
+class KVCache:
+    """Keys and values of every layer for a left-padded batch, preallocated to `capacity` positions.
+
+    `valid` marks which cached positions are real tokens (False for left padding); `length` is how
+    many positions are filled. A forward pass calls `begin` once, every layer calls `update`, then
+    `commit` advances `length`.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Register `new_valid` (B, L) tokens; return the boolean attention mask (B, 1, L, length + L).
+
+        Each query sees valid keys up to itself, and always itself (so padded queries never see an
+        empty row, which would turn into NaN).
+        """
+        start, count = self.length, new_valid.shape[1]
+        if start + count > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {start + count} requested.")
+        self.valid[:, start:start + count] = new_valid
+        keys = torch.arange(start + count, device=new_valid.device)
+        queries = torch.arange(start, start + count, device=new_valid.device)
+        causal = keys[None, :] <= queries[:, None]
+        mask = causal[None] & self.valid[:, None, :start + count]
+        mask |= keys[None, None, :] == queries[None, :, None]
+        return mask[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, D) after the filled positions; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self, count: int) -> None:
+        self.length += count
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped KV heads and rotary positions (Llama/Qwen2 naming)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, layer: int,
+                 qkv_bias: bool = True, out_bias: bool = False):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.layer = heads, kv_heads, head_dim, layer
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
+
+    def rotate(self, q, k, cos, sin):
+        """Apply the rotary embedding (a family with partial or interleaved rotary overrides this)."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotate(q, k, cos, sin)
+        k, v = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Bidirectional attention confined to consecutive segments (one image or frame each).
+
+    q, k, v: (N, H, D) packed over all segments -> (N, H, D). No cross-segment mask is built.
+    """
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        outs.append(F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)))
+    return torch.cat(outs, dim=1).transpose(0, 1)

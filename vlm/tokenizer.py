@@ -1,0 +1,207 @@
+"""Tokenizer (a `tokenizers` wrapper), chat template rendering and incremental detokenisation."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from .checkpoint import read_json
+from .errors import CheckpointError, InputError
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+class Tokenizer:
+    """Text <-> ids for one checkpoint, with its special tokens and chat template."""
+
+    def __init__(self, directory: Path):
+        directory = Path(directory)
+        self.config = _tokenizer_config(directory)
+        self._tok = _load_backend(directory)
+        # A twin that treats special-token text as plain text, for what users type.
+        self._plain = HFTokenizer.from_str(self._tok.to_str())
+        self._plain.encode_special_tokens = True
+        added = self._tok.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+        self.special_strings = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
+        self.template = ChatTemplate.find(directory, self.config, self.special_token_strings())
+
+    def special_token_strings(self) -> dict[str, str]:
+        """bos/eos/pad/unk token strings from tokenizer_config.json, as templates expect them."""
+        out = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = self.config.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                out[key] = value
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text in which special-token strings are special tokens (template output)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode text typed by a user: special-token strings stay plain text."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_chat(self, messages: list[dict], **template_vars: Any) -> list[int]:
+        """Render the chat template and encode it; user text can never produce special tokens.
+
+        When no user text contains a special-token string this is exactly render + encode (the
+        reference's behaviour); otherwise user text is encoded on its own as plain text.
+        """
+        texts = list(_user_texts(messages))
+        if not any(s in t for t in texts for s in self.special_strings):
+            return self.encode(self.template.render(messages, **template_vars))
+        marked = _replace_user_texts(messages, iter(f"\ue000{i}\ue001" for i in range(len(texts))))
+        rendered = self.template.render(marked, **template_vars)
+        ids: list[int] = []
+        pos = 0
+        for match in _SENTINEL.finditer(rendered):
+            ids += self.encode(rendered[pos:match.start()]) + self.encode_plain(texts[int(match.group(1))])
+            pos = match.end()
+        return ids + self.encode(rendered[pos:])
+
+
+def _tokenizer_config(directory: Path) -> dict[str, Any]:
+    path = directory / "tokenizer_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _load_backend(directory: Path) -> HFTokenizer:
+    path = directory / "tokenizer.json"
+    try:
+        if path.is_file():
+            return HFTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception on malformed files
+        raise CheckpointError(f"Cannot read {path}: {exc}") from exc
+    raise CheckpointError(f"{directory} has no tokenizer.json.")
+
+
+def _user_texts(messages: list[dict]):
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        else:
+            for part in content or []:
+                if part.get("type") == "text":
+                    yield part["text"]
+
+
+def _replace_user_texts(messages: list[dict], replacements) -> list[dict]:
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = next(replacements)
+        else:
+            content = [{**p, "text": next(replacements)} if p.get("type") == "text" else p for p in content or []]
+        out.append({**message, "content": content})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- template
+
+
+class ChatTemplate:
+    """A Jinja chat template rendered in a sandbox with the helpers hub templates use."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise CheckpointError(f"The chat template does not parse: {exc}") from exc
+        self.source = source
+        self.special_tokens = special_tokens or {}
+
+    @classmethod
+    def find(cls, directory: Path, tokenizer_config: dict[str, Any], special_tokens: dict[str, str]) -> "ChatTemplate | None":
+        """The template from chat_template.jinja, chat_template.json or tokenizer_config.json."""
+        jinja_file, json_file = directory / "chat_template.jinja", directory / "chat_template.json"
+        if jinja_file.is_file():
+            source = jinja_file.read_text(encoding="utf-8")
+        elif json_file.is_file():
+            source = read_json(json_file).get("chat_template")
+        else:
+            source = tokenizer_config.get("chat_template")
+        if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in source}
+            source = named.get("default") or next(iter(named.values()), None)
+        return cls(source, special_tokens) if source else None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens, **variables)
+        except TemplateInputError as exc:
+            raise InputError(f"The chat template rejected the conversation: {exc}") from exc
+        except jinja2.TemplateError as exc:
+            raise InputError(f"The chat template failed on this conversation: {exc}") from exc
+
+
+class TemplateInputError(Exception):
+    """raise_exception() called by a template."""
+
+
+def _raise_exception(message: str):
+    raise TemplateInputError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never end inside a UTF-8 character.
+
+    Decodes a small window (from `prefix` to the end) and emits only what is new since `read`, and only
+    once the window no longer ends in U+FFFD (an incomplete byte sequence).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd") or len(window) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return window[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return window[len(before):]
