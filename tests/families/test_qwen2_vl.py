@@ -1,0 +1,146 @@
+"""Qwen2-VL parity with transformers: input_ids, pixel values and greedy tokens on tiny random configs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import vlm
+import vlm.tiny
+from tests.parity import assert_same_greedy, reference_greedy
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    # GQA 4:2, head_dim 16, mrope [2,3,3], patch 14 / merge 2
+    "gqa2": dict(seed=1),
+    # GQA 3:1, head_dim 32, mrope [4,6,6], patch 16 / merge 2, other pixel bounds
+    "gqa3": dict(seed=2, text=dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
+                                   intermediate_size=160, mrope_section=[4, 6, 6]),
+                 vision=dict(patch_size=16, embed_dim=48, num_heads=2, depth=3),
+                 processor=dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 30)),
+    # MHA 2:2, head_dim 32, mrope [8,4,4], patch 8 / merge 3
+    "merge3": dict(seed=3, text=dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+                                     mrope_section=[8, 4, 4], num_hidden_layers=3),
+                   vision=dict(patch_size=8, spatial_merge_size=3, embed_dim=24, num_heads=3),
+                   processor=dict(min_pixels=24 * 24 * 4, max_pixels=24 * 24 * 25)),
+}
+STEPS = 12
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    return vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    return vlm.load(checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
+    return model, processor
+
+
+def _image_conv(paths, text="What is in the picture?"):
+    return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths), {"type": "text", "text": text}]}]
+
+
+def _reference_inputs(processor, conversations, **kwargs):
+    """Reference processor inputs; image paths are opened as PIL images (as the model card does)."""
+    def opened(conv):
+        return [{**m, "content": m["content"] if isinstance(m["content"], str) else [
+            {"type": "image", "image": Image.open(p["path"])} if p["type"] == "image" else p for p in m["content"]]}
+            for m in conv]
+    processor.tokenizer.padding_side = "left"
+    return processor.apply_chat_template([opened(c) for c in conversations], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True, return_tensors="pt",
+                                         processor_kwargs={"padding": True}, **kwargs)
+
+
+def _check(ours, reference, conversations):
+    model, processor = reference
+    ref_inputs = _reference_inputs(processor, conversations)
+    our_inputs = ours.encode(conversations)
+    assert our_inputs["input_ids"].tolist() == ref_inputs["input_ids"].tolist()
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in ref_inputs:
+            torch.testing.assert_close(our_inputs[key].to(ref_inputs[key].dtype), ref_inputs[key], atol=1e-5, rtol=0)
+    theirs, gaps = reference_greedy(model, ref_inputs, STEPS, repetition_penalty=1.0)
+    outs = ours.generate(conversations, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0)
+    for row, out in enumerate(outs):
+        assert_same_greedy(out.token_ids, theirs[row], gaps[row], ours.stop_ids)
+    return theirs
+
+
+def test_one_image(ours, reference, media_dir):
+    _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+
+
+def test_two_images(ours, reference, media_dir):
+    _check(ours, reference, [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"], "Compare them.")])
+
+
+def test_multi_turn(ours, reference, media_dir):
+    conv = _image_conv([f"{media_dir}/llava_v1_5_radar.jpg"], "What chart is this?") + [
+        {"role": "assistant", "content": "A radar chart of benchmark scores."},
+        {"role": "user", "content": [{"type": "image", "path": f"{media_dir}/voc.jpg"},
+                                     {"type": "text", "text": "And this one?"}]},
+    ]
+    _check(ours, reference, [conv])
+
+
+def test_left_padded_batch(ours, reference, media_dir):
+    short = [{"role": "user", "content": "Hi"}]
+    long = _image_conv([f"{media_dir}/ctx.jpg", f"{media_dir}/extreme_ironing.jpg"], "Describe both pictures in detail.")
+    _check(ours, reference, [short, long])
+    _check(ours, reference, [_image_conv([f"{media_dir}/coco.jpg"]), _image_conv([f"{media_dir}/waterview.jpg"], "Hm?")])
+
+
+def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
+    """Discrimination: the reference's tokens change when the image is mirrored, so matching means something."""
+    model, processor = reference
+    mirrored = tmp_path / "mirrored.png"
+    ImageOps.mirror(Image.open(f"{media_dir}/extreme_ironing.jpg").convert("RGB")).save(mirrored)
+    original = _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+    flipped = _check(ours, reference, [_image_conv([str(mirrored)])])
+    assert original != flipped
+
+
+def test_video(ours, reference, media_dir):
+    model, processor = reference
+    path = f"{media_dir}/video/flipping_a_pancake.mkv"
+    conv = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What happens?"}]}]
+    frames, metadata = transformers.video_utils.load_video(path, backend="pyav")
+    ref_conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = processor.apply_chat_template(ref_conv, add_generation_prompt=True, tokenize=False)
+    ref_inputs = processor(text=[text], videos=[frames], videos_kwargs={"video_metadata": [metadata]},
+                           return_tensors="pt")
+    our_inputs = ours.encode(conv)
+    assert our_inputs["video_grid_thw"].tolist() == ref_inputs["video_grid_thw"].tolist()
+    assert our_inputs["input_ids"].tolist() == ref_inputs["input_ids"].tolist()
+    torch.testing.assert_close(our_inputs["pixel_values_videos"], ref_inputs["pixel_values_videos"], atol=0.05, rtol=0)
+    theirs, gaps = reference_greedy(model, ref_inputs, STEPS, repetition_penalty=1.0)
+    ours_out = ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0)[0]
+    assert_same_greedy(ours_out.token_ids, theirs[0], gaps[0], ours.stop_ids)
+
+
+def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, media_dir, tmp_path):
+    """transformers' save_pretrained (nested config, rope_parameters) and a sharded copy load to the same tokens."""
+    model, processor = reference
+    nested = tmp_path / "nested"
+    model.save_pretrained(nested, max_shard_size="100KB")
+    processor.save_pretrained(nested)
+    config = json.loads((nested / "config.json").read_text())
+    assert "text_config" in config and os.path.exists(nested / "model.safetensors.index.json")
+    conv = [_image_conv([f"{media_dir}/coco.jpg"])]
+    expected = ours.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
+    assert vlm.load(nested, dtype="float32").generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids == expected
