@@ -1,0 +1,33 @@
+"""The command line on a tiny checkpoint, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "vlm", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_tiny_then_chat_streams_an_answer(tmp_path, media_dir):
+    out = tmp_path / "tiny"
+    made = _run("tiny", "qwen2_vl", str(out))
+    assert made.returncode == 0 and (out / "config.json").exists()
+    chat = _run("chat", str(out), "What happens here?", "--image", f"{media_dir}/coco.jpg",
+                "--video", f"{media_dir}/video/flipping_a_pancake.mkv", "--max-new-tokens", "5", "--dtype", "float32",
+                "--num-frames", "4")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    result = _run("chat", str(tmp_path / "missing"), "hi")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert _run("tiny", "nonexistent_family", str(tmp_path / "x")).returncode == 2

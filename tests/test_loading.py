@@ -1,0 +1,145 @@
+"""Loading errors: each bad checkpoint or input gives its specific vlm.errors exception, quickly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlm
+import vlm.tiny
+from vlm import errors
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("q"))
+
+
+@pytest.fixture
+def copy(tiny_dir, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+def test_missing_directory():
+    with pytest.raises(errors.ModelNotFoundError, match="not a checkpoint directory"):
+        vlm.load("/nonexistent/model")
+
+
+def test_offline_hub_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(errors.HubUnreachableError, match="local-dir"):
+        vlm.load("Qwen/Qwen2-VL-2B-Instruct")
+
+
+def test_unknown_family_names_the_supported_ones(copy):
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(errors.UnsupportedModelError, match="qwen2_vl"):
+        vlm.load(copy)
+
+
+def test_corrupt_safetensors(copy):
+    (copy / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(errors.CheckpointError, match="model.safetensors"):
+        vlm.load(copy, dtype="float32")
+
+
+def test_missing_and_unexpected_tensors_are_listed(copy):
+    tensors = load_file(copy / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(errors.MissingTensorError, match="model.norm.weight"):
+        vlm.load(copy, dtype="float32")
+    tensors["model.norm.weight"] = torch.ones(64)
+    tensors["model.extra.weight"] = torch.ones(3)
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(errors.UnexpectedTensorError, match="model.extra.weight"):
+        vlm.load(copy, dtype="float32")
+
+
+def test_wrong_shape_is_a_checkpoint_error(copy):
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(errors.CheckpointError, match="shape"):
+        vlm.load(copy, dtype="float32")
+
+
+def test_weights_load_in_the_target_dtype(tiny_dir):
+    pipe = vlm.load(tiny_dir, dtype="bfloat16")
+    assert {p.dtype for p in pipe.model.parameters()} == {torch.bfloat16}
+    assert pipe.model.lm_head.weight.data_ptr() == pipe.model.model.embed_tokens.weight.data_ptr()  # tied
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir):
+    return vlm.load(tiny_dir, dtype="float32")
+
+
+def _ask(pipe, part):
+    return pipe.generate([{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], max_new_tokens=2)
+
+
+def test_undecodable_image(pipe, tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not an image")
+    with pytest.raises(errors.ImageDecodeError):
+        _ask(pipe, {"type": "image", "path": str(fake)})
+
+
+def test_zero_byte_files(pipe, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(errors.EmptyFileError):
+        _ask(pipe, {"type": "image", "path": str(empty)})
+    with pytest.raises(errors.EmptyFileError):
+        _ask(pipe, {"type": "video", "path": str(empty)})
+
+
+def test_video_without_video_stream(pipe, tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "audio_only.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(errors.VideoDecodeError, match="no video stream"):
+        _ask(pipe, {"type": "video", "path": str(path)})
+
+
+def test_urls_are_not_fetched(pipe):
+    with pytest.raises(errors.InputError, match="URLs are not fetched"):
+        _ask(pipe, {"type": "image", "url": "http://example.com/cat.jpg"})
+
+
+@pytest.mark.parametrize("conversation", [[], [{"content": "x"}], [{"role": "robot", "content": "x"}],
+                                          [{"role": "user", "content": [{"type": "audio"}]}],
+                                          [{"role": "user", "content": "   "}]])
+def test_malformed_conversations(pipe, conversation):
+    with pytest.raises(errors.InputError):
+        pipe.generate(conversation, max_new_tokens=2)
+
+
+def test_typed_placeholders_stay_text(pipe, media_dir):
+    conv = [{"role": "user", "content": [{"type": "image", "path": f"{media_dir}/coco.jpg"},
+                                         {"type": "text", "text": "and <|vision_start|><|image_pad|><|vision_end|>"}]}]
+    out = pipe.generate(conv, max_new_tokens=2)  # typed placeholders stay text: one image, one placeholder
+    assert len(out) == 1
+
+
+def test_prompt_longer_than_the_context(pipe):
+    with pytest.raises(errors.ContextLengthError, match="context"):
+        pipe.generate([{"role": "user", "content": "cat " * 5000}], max_new_tokens=2)
