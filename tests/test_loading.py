@@ -143,3 +143,36 @@ def test_typed_placeholders_stay_text(pipe, media_dir):
 def test_prompt_longer_than_the_context(pipe):
     with pytest.raises(errors.ContextLengthError, match="context"):
         pipe.generate([{"role": "user", "content": "cat " * 5000}], max_new_tokens=2)
+
+
+PEAK_SCRIPT = """
+import resource, sys, psutil, vlm, vlm.families.qwen2_vl as family
+import vlm.checkpoint as checkpoint
+measured = {}
+def load_weights(*args, **kwargs):
+    measured["before"] = psutil.Process().memory_info().rss
+    checkpoint.load_weights(*args, **kwargs)
+    measured["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+family.load_weights = load_weights
+pipe = vlm.load(sys.argv[1], dtype=sys.argv[2])
+weights = sum(p.numel() * p.element_size() for p in pipe.model.parameters())
+print((measured["peak"] - measured["before"]) / weights)
+"""
+
+
+@pytest.fixture(scope="module")
+def big_dir(tmp_path_factory):
+    return vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("big"), text=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+        mrope_section=[12, 18, 18]), vision=dict(embed_dim=128, depth=2))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_peak_memory_while_loading_is_about_the_weights(big_dir, dtype):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(big_dir), dtype], capture_output=True, text=True,
+                            timeout=300, check=True)
+    ratio = float(result.stdout.strip().splitlines()[-1])
+    assert ratio <= 1.2, f"peak RSS while loading is {ratio:.2f}x the weights"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -130,45 +132,95 @@ def load_weights(
     device: torch.device,
     tied: dict[str, str] | None = None,
 ) -> None:
-    """Stream safetensors tensors straight into `model`'s (meta-device) parameters.
+    """Read safetensors tensors straight into `model`'s (meta-device) parameters.
 
     `rename` maps a checkpoint name to the model's name (None drops the tensor on purpose).
     `tied` maps a parameter absent from the file to the one it shares storage with.
-    Each tensor is read and cast one at a time, so peak memory stays near the weights' size.
+    Names are checked against the headers before any data is read; then each tensor is read with
+    plain file reads (no mmap) and cast on its own, so peak memory stays near the weights' size.
     """
-    from safetensors import SafetensorError, safe_open
-
-    expected = {name: p for name, p in _named_tensors(model)}
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for file in weight_files(directory):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for key in reader.keys():
-                    name = rename(key)
-                    if name is None:
-                        continue
-                    if name not in expected:
-                        unexpected.append(key)
-                        continue
-                    tensor = reader.get_tensor(key)
-                    _assign(model, name, tensor, expected[name], dtype, device)
-                    seen.add(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"Cannot read weights from {file}: {exc}") from exc
-    for target, source in (tied or {}).items():
-        if target in expected and target not in seen and source in seen:
-            _set_tensor(model, target, _get_tensor(model, source))
-            seen.add(target)
+    expected = dict(_named_tensors(model))
+    entries = [(file, key, rename(key), info) for file in weight_files(directory)
+               for key, info in read_safetensors_header(file).items()]
+    entries = [e for e in entries if e[2] is not None]
+    unexpected = sorted(key for _, key, name, _ in entries if name not in expected)
     if unexpected:
         raise UnexpectedTensorError(
-            f"{directory} has {len(unexpected)} tensors this model does not use: {', '.join(sorted(unexpected)[:20])}"
-        )
-    missing = sorted(set(expected) - seen)
+            f"{directory} has {len(unexpected)} tensors this model does not use: {', '.join(unexpected[:20])}")
+    present = {name for _, _, name, _ in entries}
+    missing = sorted(n for n in set(expected) - present if not (tied and tied.get(n) in present))
     if missing:
         raise MissingTensorError(f"{directory} lacks {len(missing)} tensors: {', '.join(missing[:20])}")
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    for file, key, name, info in entries:
+        target = expected[name]
+        tensor = read_safetensors_tensor(file, key, info, dtype if target.is_floating_point() else None, buffers)
+        _assign(model, name, tensor, target, device)
+    for target, source in (tied or {}).items():
+        if target in expected and target not in present:
+            _set_tensor(model, target, _get_tensor(model, source))
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
+    """Tensor entries of a safetensors file (dtype, shape, data_offsets), validated against its size."""
+    size = Path(file).stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(size - 8, 1 << 28):
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(f.read(length))
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, info in entries.items():
+            begin, end = info["data_offsets"]
+            itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+            if end - begin != math.prod(info["shape"]) * itemsize or 8 + length + end > size:
+                raise ValueError(f"tensor {key} has inconsistent offsets")
+            info["data_start"] = 8 + length + begin
+        return entries
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+
+
+def read_safetensors_tensor(file: Path, key: str, info: dict[str, Any], dtype: torch.dtype | None = None,
+                            buffers: dict[torch.dtype, torch.Tensor] | None = None) -> torch.Tensor:
+    """One tensor read with plain file reads into fresh memory of `dtype` (default: the stored dtype).
+
+    A cast goes through a chunk buffer (kept in `buffers` for reuse across calls), so neither a full
+    copy in the stored dtype nor a trail of freed temporaries (heap fragmentation) is left behind.
+    """
+    stored = SAFETENSORS_DTYPES[info["dtype"]]
+    if dtype is None or not (stored.is_floating_point and dtype.is_floating_point):
+        dtype = stored
+    tensor = torch.empty(info["shape"], dtype=dtype)
+    flat = tensor.view(-1)
+    with open(file, "rb") as f:
+        f.seek(info["data_start"])
+        if dtype == stored:
+            _read_exactly(f, flat, file, key)
+            return tensor
+        buffers = {} if buffers is None else buffers
+        buffer = buffers.setdefault(stored, torch.empty(READ_CHUNK, dtype=stored))
+        for begin in range(0, flat.numel(), READ_CHUNK):
+            part = buffer[:min(READ_CHUNK, flat.numel() - begin)]
+            _read_exactly(f, part, file, key)
+            flat[begin:begin + part.numel()].copy_(part)
+    return tensor
+
+
+READ_CHUNK = 1 << 20  # elements per read when casting
+
+
+def _read_exactly(f, flat: torch.Tensor, file: Path, key: str) -> None:
+    if flat.numel() and f.readinto(flat.view(torch.uint8).numpy()) != flat.numel() * flat.element_size():
+        raise CheckpointError(f"{file} ends inside tensor {key}.")
 
 
 def _named_tensors(model: nn.Module):
@@ -180,12 +232,10 @@ def _named_tensors(model: nn.Module):
             yield name, buf
 
 
-def _assign(model, name, tensor, target, dtype, device):
+def _assign(model, name, tensor, target, device):
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(f"Tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}.")
-    keep_dtype = not tensor.is_floating_point() or not target.is_floating_point()
-    value = tensor.to(device=device, dtype=None if keep_dtype else dtype)
-    _set_tensor(model, name, value)
+    _set_tensor(model, name, tensor.to(device))
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:

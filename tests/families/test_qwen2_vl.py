@@ -144,3 +144,21 @@ def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, medi
     conv = [_image_conv([f"{media_dir}/coco.jpg"])]
     expected = ours.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
     assert vlm.load(nested, dtype="float32").generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids == expected
+
+
+def test_the_test_sees_mrope_positions(ours, reference, media_dir, monkeypatch):
+    """Discrimination: with plain 1-D positions our tokens no longer match the reference."""
+    conv = [_image_conv([f"{media_dir}/extreme_ironing.jpg"])]
+    model, processor = reference
+    theirs, _ = reference_greedy(model, _reference_inputs(processor, conv), STEPS, repetition_penalty=1.0)
+    build = ours.build_inputs
+
+    def one_d(*args, **kwargs):
+        inputs = build(*args, **kwargs)
+        mask = inputs["attention_mask"]
+        inputs["positions"] = ((mask.cumsum(-1) - 1).clamp(min=0))[None].expand(3, -1, -1)
+        inputs["next_position"] = mask.sum(-1)
+        return inputs
+
+    monkeypatch.setattr(ours, "build_inputs", one_d)
+    assert ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0)[0].token_ids != theirs[0]
