@@ -146,13 +146,16 @@ def test_prompt_longer_than_the_context(pipe):
 
 
 PEAK_SCRIPT = """
-import resource, sys, psutil, vlm, vlm.families.qwen2_vl as family
+import re, sys, vlm, vlm.families.qwen2_vl as family
 import vlm.checkpoint as checkpoint
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 measured = {}
 def load_weights(*args, **kwargs):
-    measured["before"] = psutil.Process().memory_info().rss
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    measured["before"] = status("VmRSS")
     checkpoint.load_weights(*args, **kwargs)
-    measured["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    measured["peak"] = status("VmHWM")
 family.load_weights = load_weights
 pipe = vlm.load(sys.argv[1], dtype=sys.argv[2])
 weights = sum(p.numel() * p.element_size() for p in pipe.model.parameters())

@@ -115,21 +115,36 @@ def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
     assert original != flipped
 
 
-def test_video(ours, reference, media_dir):
+@pytest.fixture(scope="module")
+def pancake_frames(media_dir):
+    """Every frame of the Matroska video (its stream reports no frame count, so decode them all)."""
+    import av
+    import numpy as np
+
+    with av.open(f"{media_dir}/video/flipping_a_pancake.mkv") as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert len(frames) == 310
+    return frames
+
+
+@pytest.mark.parametrize("sampling", [{}, {"num_frames": 6}])
+def test_video(ours, reference, media_dir, pancake_frames, sampling):
+    """Our lazily sampled video equals the reference fed all frames with fps 2 (or num_frames) sampling."""
     model, processor = reference
     path = f"{media_dir}/video/flipping_a_pancake.mkv"
-    conv = [{"role": "user", "content": [{"type": "video", "path": path}, {"type": "text", "text": "What happens?"}]}]
-    frames, metadata = transformers.video_utils.load_video(path, backend="pyav")
-    ref_conv = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    text = processor.apply_chat_template(ref_conv, add_generation_prompt=True, tokenize=False)
-    ref_inputs = processor(text=[text], videos=[frames], videos_kwargs={"video_metadata": [metadata]},
-                           return_tensors="pt")
-    our_inputs = ours.encode(conv)
+    question = [{"type": "text", "text": "What happens?"}]
+    conv = [{"role": "user", "content": [{"type": "video", "path": path}, *question]}]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, *question]}],
+                                         add_generation_prompt=True, tokenize=False)
+    metadata = transformers.video_utils.VideoMetadata(total_num_frames=310, fps=30.0)
+    ref_inputs = processor(text=[text], videos=[pancake_frames], video_metadata=[metadata], do_sample_frames=True,
+                           return_tensors="pt", **(sampling or {"fps": 2.0}))
+    our_inputs = ours.encode(conv, **sampling)
     assert our_inputs["video_grid_thw"].tolist() == ref_inputs["video_grid_thw"].tolist()
     assert our_inputs["input_ids"].tolist() == ref_inputs["input_ids"].tolist()
-    torch.testing.assert_close(our_inputs["pixel_values_videos"], ref_inputs["pixel_values_videos"], atol=0.05, rtol=0)
+    torch.testing.assert_close(our_inputs["pixel_values_videos"], ref_inputs["pixel_values_videos"], atol=1e-5, rtol=0)
     theirs, gaps = reference_greedy(model, ref_inputs, STEPS, repetition_penalty=1.0)
-    ours_out = ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0)[0]
+    ours_out = ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0, **sampling)[0]
     assert_same_greedy(ours_out.token_ids, theirs[0], gaps[0], ours.stop_ids)
 
 

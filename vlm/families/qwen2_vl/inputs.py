@@ -15,6 +15,9 @@ from ...tokenizer import Tokenizer
 from .processor import VisionSettings, preprocess_images, preprocess_video
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+# Frames per second sampled from a video when neither the call nor the checkpoint says (the reference's
+# sampling default, as qwen-vl-utils uses it); the reference without sampling would keep every frame.
+DEFAULT_VIDEO_FPS = 2.0
 
 
 @dataclass
@@ -59,14 +62,20 @@ class Qwen2VLInputs:
         pixel_args = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
         image_part = preprocess_images(images, self.settings, **pixel_args) if images else None
         video_parts = [
-            preprocess_video(m.source, self.settings, fps=m.options.get("fps", options.get("fps")),
-                             num_frames=m.options.get("num_frames", options.get("num_frames")), **pixel_args)[:2]
+            preprocess_video(m.source, self.settings, **self._sampling({**options, **m.options}), **pixel_args)[:2]
             for m in media if m.kind == "video"
         ]
         video_part = None
         if video_parts:
             video_part = (torch.cat([pv for pv, _ in video_parts]), torch.cat([g for _, g in video_parts]))
         return image_part, video_part
+
+    def _sampling(self, options: dict[str, Any]) -> dict[str, Any]:
+        """fps / num_frames for one video: the call's, else the checkpoint's, else DEFAULT_VIDEO_FPS."""
+        fps, num_frames = options.get("fps"), options.get("num_frames")
+        if fps is None and num_frames is None and not self.settings.video.do_sample_frames:
+            fps = DEFAULT_VIDEO_FPS
+        return {"fps": fps, "num_frames": num_frames}
 
     def _expand(self, ids: list[int], image_grid, video_grid) -> tuple[list[int], list[int]]:
         """Replace each image/video placeholder by one token per merged patch; check the counts."""
