@@ -83,6 +83,7 @@ def _config(text: dict[str, Any], vision: dict[str, Any], ids: dict[str, int], v
     """config.json in the hub's flat layout (text fields at top level, rope_scaling with mrope)."""
     text = dict(text)
     section = text.pop("mrope_section")
+    vocab = max(vocab, text.pop("vocab_size", vocab))  # a larger embedding than the tokenizer, as on the hub
     return {
         "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", **text,
         "hidden_act": "silu", "vocab_size": vocab, "tie_word_embeddings": tie, "torch_dtype": "float32",

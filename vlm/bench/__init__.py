@@ -1,0 +1,1 @@
+"""`python -m vlm.bench`: this project against the reference implementation, side by side, same run."""

@@ -1,0 +1,123 @@
+"""`python -m vlm.bench`: build random-weight checkpoints with real models' shapes, run this project and the
+reference (transformers, eager, same dtype and threads) in the same run, and print a table of ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoints import MODELS, build_checkpoint, decode_bytes_per_token, weight_bytes
+from .media import make_image, make_video
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__)
+    parser.add_argument("--models", default="qwen2_vl_2b,llava_onevision_0.5b",
+                        help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cache", default=os.path.expanduser("~/.cache/vlm-bench"), help="checkpoints are kept here")
+    parser.add_argument("--out", default="bench_results", help="where results.md and results.json go")
+    parser.add_argument("--skip-reference", action="store_true", help="measure this project only")
+    args = parser.parse_args()
+
+    cache, out = Path(args.cache), Path(args.out)
+    cache.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    image, video = make_image(cache / "bench.png"), make_video(cache / "bench.mp4")
+    bandwidth = measure_bandwidth()
+    rows = []
+    for name in args.models.split(","):
+        checkpoint = build_checkpoint(name, cache, args.dtype)
+        common = [str(checkpoint), "--image", str(image), "--video", str(video), "--dtype", args.dtype,
+                  "--threads", str(args.threads)]
+        ours = _run([sys.executable, "-m", "vlm.bench.worker", *common])
+        ref = None if args.skip_reference else _run(
+            [sys.executable, str(ROOT / "bench" / "reference_worker.py"), *common, "--family", MODELS[name].family])
+        rows.append(_row(name, checkpoint, ours, ref, bandwidth))
+    report = {"machine": _machine(args.threads), "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9,
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = to_markdown(report)
+    (out / "results.md").write_text(markdown)
+    print(markdown)
+
+
+def measure_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Sustained read bandwidth in bytes/s: the best of a few full reductions over a 1 GiB tensor."""
+    data = torch.ones(size_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
+
+
+def _run(command: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _row(name, checkpoint, ours, ref, bandwidth) -> dict:
+    weights = weight_bytes(checkpoint)
+    roofline = bandwidth / decode_bytes_per_token(checkpoint)
+    row = {"model": name, "weights_gb": weights / 1e9, "roofline_tok_s": roofline, "ours": ours, "reference": ref,
+           "ours_load_rss_x_weights": ours["load_peak_rss"] / weights,
+           "ours_decode_roofline_fraction": ours["decode_tok_s"] / roofline}
+    if ref:
+        row["reference_load_rss_x_weights"] = ref["load_peak_rss"] / weights
+        row["speedup"] = {
+            "load": ref["load_s"] / ours["load_s"], "ttft_image": ref["ttft_image_s"] / ours["ttft_image_s"],
+            "decode": ours["decode_tok_s"] / ref["decode_tok_s"], "ttft_turn2": ref["ttft_turn2_s"] / ours["ttft_turn2_s"],
+            "video16": ref["video16_ttft_s"] / ours["video16_ttft_s"],
+        }
+    return row
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}; dtype {report['dtype']}; measured read bandwidth "
+             f"{report['bandwidth_gb_s']:.1f} GB/s; {report['date']}.", "",
+             "| model | metric | ours | reference | ours vs reference |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        ours, ref, speed = row["ours"], row["reference"] or {}, row.get("speedup", {})
+
+        def line(metric, key, fmt, ratio=None):
+            theirs = format(ref[key], fmt) if key in ref else "-"
+            lines.append(f"| {row['model']} | {metric} | {format(ours[key], fmt)} | {theirs} | "
+                         f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
+
+        line("load time (s)", "load_s", ".2f", speed.get("load"))
+        lines.append(f"| {row['model']} | peak RSS while loading / weights | {row['ours_load_rss_x_weights']:.2f} | "
+                     f"{row.get('reference_load_rss_x_weights', float('nan')):.2f} | - |")
+        line("time to first token, image (s)", "ttft_image_s", ".2f", speed.get("ttft_image"))
+        line("decode tokens/s (batch 1)", "decode_tok_s", ".2f", speed.get("decode"))
+        line("time to first token, 2nd turn (s)", "ttft_turn2_s", ".2f", speed.get("ttft_turn2"))
+        line("time to first token, 16-frame video (s)", "video16_ttft_s", ".2f", speed.get("video16"))
+        lines.append(f"| {row['model']} | decode / roofline ({row['roofline_tok_s']:.2f} tok/s) | "
+                     f"{row['ours_decode_roofline_fraction']:.0%} | - | - |")
+    return "\n".join(lines) + "\n\nTimes: lower is better; 'ours vs reference' > 1 means this project is faster.\n"
+
+
+def _machine(threads: int) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores ({threads} threads), torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

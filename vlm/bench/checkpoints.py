@@ -1,0 +1,84 @@
+"""Random-weight checkpoints with the published shapes of real models (configs written from their sizes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoint import read_safetensors_header, read_safetensors_tensor, weight_files
+from ..tiny import write as write_tiny
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS = {
+    # the tests' tiny config: checks the benchmark itself in seconds
+    "qwen2_vl_tiny": ModelSpec("qwen2_vl"),
+    # Qwen/Qwen2-VL-2B-Instruct
+    "qwen2_vl_2b": ModelSpec("qwen2_vl", dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], vocab_size=151936, max_position_embeddings=32768),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2),
+        processor=dict(min_pixels=3136, max_pixels=12845056))),
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf (SigLIP so400m + Qwen2-0.5B)
+    "llava_onevision_0.5b": ModelSpec("llava_onevision", dict(
+        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                    image_size=384, patch_size=14))),
+}
+VISION_PREFIXES = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                   "model.multi_modal_projector.", "image_newline", "model.image_newline")
+
+
+def build_checkpoint(name: str, cache: Path, dtype: str) -> Path:
+    """The checkpoint of `name` in `dtype`, written once into `cache` (random weights, real shapes)."""
+    target = cache / f"{name}-{dtype}"
+    if (target / ".complete").exists():
+        return target
+    spec = MODELS[name]
+    print(f"writing a random {name} checkpoint into {target} (once) ...", flush=True)
+    write_tiny(spec.family, target, **spec.overrides)
+    if dtype != "float32":
+        _convert(target, getattr(torch, dtype))
+    (target / ".complete").touch()
+    return target
+
+
+def _convert(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite the weights in `dtype` (as hub checkpoints are stored), recording it in config.json."""
+    for file in weight_files(directory):
+        header = read_safetensors_header(file)
+        tensors = {key: read_safetensors_tensor(file, key, info, dtype) for key, info in header.items()}
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of all stored tensors."""
+    return sum(_nbytes(info) for file in weight_files(directory) for info in read_safetensors_header(file).values())
+
+
+def decode_bytes_per_token(directory: Path) -> int:
+    """Bytes of weights one decode step reads: the language model (its lm_head or tied embedding once)."""
+    entries = {k: v for file in weight_files(directory) for k, v in read_safetensors_header(file).items()}
+    text = {k: v for k, v in entries.items() if not k.startswith(VISION_PREFIXES)}
+    has_head = any(k.endswith("lm_head.weight") for k in text)
+    return sum(_nbytes(v) for k, v in text.items() if not (has_head and k.endswith("embed_tokens.weight")))
+
+
+def _nbytes(info: dict[str, Any]) -> int:
+    begin, end = info["data_offsets"]
+    return end - begin

@@ -1,0 +1,50 @@
+"""Measure this project on one checkpoint (run in its own process by `python -m vlm.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from . import scenarios as s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--video", required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import vlm
+    from vlm.checkpoint import read_config
+    from vlm.families import detect_family
+
+    detect_family(read_config(args.checkpoint)).module  # imports happen before the clock starts, as for the reference
+    before = s.reset_peak_rss()
+    load_s, pipe = s.timed(lambda: vlm.load(args.checkpoint, device="cpu", dtype=args.dtype))
+    load_peak = s.peak_rss() - before
+    greedy = dict(do_sample=False, repetition_penalty=1.0)
+    image = s.image_turn(args.image)
+
+    pipe.generate(image, max_new_tokens=1, **greedy)  # warm-up (first-call allocations)
+    ttft, _ = s.timed(lambda: pipe.generate(image, max_new_tokens=1, **greedy))
+    stops, pipe.stop_ids = pipe.stop_ids, set()  # forced to run to length
+    total, out = s.timed(lambda: pipe.generate(image, max_new_tokens=s.NEW_TOKENS, **greedy)[0])
+    pipe.stop_ids = stops
+    assert len(out.token_ids) == s.NEW_TOKENS
+    answer = pipe.generate(image, max_new_tokens=s.FIRST_ANSWER_TOKENS, **greedy)[0].text
+    ttft2, _ = s.timed(lambda: pipe.generate(s.second_turn(args.image, answer), max_new_tokens=1, **greedy))
+    video = s.video_turn(args.video)
+    video_ttft, _ = s.timed(lambda: pipe.generate(video, max_new_tokens=1, num_frames=s.VIDEO_FRAMES, **greedy))
+    s.emit({
+        "load_s": load_s, "load_peak_rss": load_peak, "ttft_image_s": ttft,
+        "decode_tok_s": (s.NEW_TOKENS - 1) / (total - ttft), "ttft_turn2_s": ttft2, "video16_ttft_s": video_ttft,
+    })
+
+
+if __name__ == "__main__":
+    main()
