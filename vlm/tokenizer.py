@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -126,7 +127,8 @@ class ChatTemplate:
     """A Jinja chat template rendered in a sandbox with the helpers hub templates use."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -160,6 +162,16 @@ class ChatTemplate:
             raise InputError(f"The chat template rejected the conversation: {exc}") from exc
         except jinja2.TemplateError as exc:
             raise InputError(f"The chat template failed on this conversation: {exc}") from exc
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks) renders its body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
 class TemplateInputError(Exception):
