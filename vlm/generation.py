@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -60,9 +60,10 @@ class Sampling:
 
 @dataclass
 class GenerationOutput:
-    text: str
+    text: str  # the answer (for thinking models, without the reasoning)
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled"
+    reasoning: str = ""  # thinking models: the text between the think tags
 
 
 class Sampler:
@@ -99,10 +100,13 @@ class Sampler:
 
 @torch.inference_mode()
 def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids: set[int], pad_id: int,
-                    cancel: threading.Event | None = None) -> Iterator[torch.Tensor]:
+                    cancel: threading.Event | None = None,
+                    logits_processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+                    ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step, until all rows stop, the budget or `cancel`.
 
     Rows that already stopped receive `pad_id`. `lm_head` runs on the last position only.
+    `logits_processors` map (logits, history) to new logits before sampling (e.g. a thinking budget).
     """
     ids = inputs["input_ids"]
     batch, length = ids.shape
@@ -120,6 +124,8 @@ def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids:
     for step in range(sampling.max_new_tokens):
         if cancel is not None and cancel.is_set():
             return
+        for process in logits_processors:
+            logits = process(logits, history)
         tokens = sampler(logits, history).masked_fill(finished, pad_id)
         yield tokens
         finished |= torch.isin(tokens, stop)

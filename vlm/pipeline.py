@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .conversation import is_batch, normalize
 from .errors import ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
+from .reasoning import ANSWER, Delta, ReasoningParser, ThinkingBudget, ThinkingFormat, opens_thinking, split_reasoning
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
+REASONING_OPTIONS = ("thinking_budget", "enable_thinking")
 
 
 class ChatPipeline:
-    """A vision-language chat model ready to answer conversations (see DESIGN.md for the API)."""
+    """A vision-language chat model ready to answer conversations (see DESIGN.md for the API).
+
+    Thinking families pass `thinking` (their reasoning tags): outputs then carry the reasoning
+    apart from the answer, stream deltas are `reasoning.Delta`s with a `kind`, earlier turns'
+    reasoning is dropped from the prompt, and `thinking_budget` / `enable_thinking` are accepted.
+    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws).
+    """
 
     def __init__(self, family: str, model: torch.nn.Module, tokenizer: Tokenizer,
                  build_inputs: Callable[..., dict[str, Any]], generation_config: dict[str, Any],
-                 device: torch.device, directory: Path, max_context: int):
+                 device: torch.device, directory: Path, max_context: int,
+                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = ()):
         self.family = family
+        self.thinking = thinking
+        self.markup = tuple(markup)
+        self.decoder = _MarkupDecoder(tokenizer, (*(thinking.tags if thinking else ()), *markup))
         self.model = model
         self.tokenizer = tokenizer
         self.build_inputs = build_inputs
@@ -33,53 +45,67 @@ class ChatPipeline:
         self.stop_ids = stop_ids(generation_config, tokenizer)
         self.pad_id = pad_id(generation_config, tokenizer)
 
-    def encode(self, conversation: Any, **media_options: Any) -> dict[str, Any]:
+    def encode(self, conversation: Any, enable_thinking: bool | None = None, **media_options: Any) -> dict[str, Any]:
         """Model inputs for one conversation or a batch: input_ids, attention_mask, vision tensors, positions."""
         unknown = set(media_options) - set(MEDIA_OPTIONS)
         if unknown:
             raise InputError(f"Unknown options: {', '.join(sorted(unknown))}")
-        conversations = conversation if is_batch(conversation) else [conversation]
-        return self.build_inputs([normalize(c) for c in conversations], **media_options)
+        conversations = [normalize(c) for c in (conversation if is_batch(conversation) else [conversation])]
+        if self.thinking is not None:
+            conversations = [[self._without_reasoning(m) for m in c] for c in conversations]
+        if enable_thinking is not None:
+            template = self.tokenizer.template
+            if template is None or "enable_thinking" not in template.source:
+                raise InputError(f"This {self.family} checkpoint has no switch to turn thinking on or off; "
+                                 "pass thinking_budget=0 to make it answer right away.")
+            media_options["template_vars"] = {"enable_thinking": bool(enable_thinking)}
+        return self.build_inputs(conversations, **media_options)
 
     def generate(self, conversations: Any, cancel: threading.Event | None = None,
                  **options: Any) -> list[GenerationOutput]:
         """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
-        sampling, media = self._split(options)
-        inputs = self._prepare(conversations, sampling, media)
+        sampling, media, reasoning = self._split(options)
+        inputs = self._prepare(conversations, sampling, media, reasoning)
         batch = inputs["input_ids"].shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
-        for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, cancel):
+        opened = self._opened(inputs)
+        for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, cancel,
+                                    self._processors(reasoning, opened)):
             for row, token in enumerate(step.tolist()):
                 if not done[row]:
                     tokens[row].append(token)
                     done[row] = token in self.stop_ids
         cancelled = cancel is not None and cancel.is_set()
-        return [self._output(ids, finished, cancelled) for ids, finished in zip(tokens, done)]
+        return [self._output(ids, finished, cancelled, thinking)
+                for ids, finished, thinking in zip(tokens, done, opened)]
 
-    def stream(self, conversation: Any, cancel: threading.Event | None = None, **options: Any) -> Iterator[str]:
-        """Yield text deltas of the answer as they are generated (in a background thread).
+    def stream(self, conversation: Any, cancel: threading.Event | None = None, **options: Any) -> Iterator[Delta]:
+        """Yield text deltas as they are generated (in a background thread).
 
+        Each delta is a `str` with a `kind`: "answer", or "thinking" for a thinking model's reasoning.
         Setting `cancel` (or closing the iterator) stops the generation within one step.
         """
-        sampling, media = self._split(options)
+        sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        inputs = self._prepare(conversation, sampling, media)
+        inputs = self._prepare(conversation, sampling, media, reasoning)
         cancel = cancel or threading.Event()
+        opened = self._opened(inputs)
 
-        def produce(stop_event: threading.Event) -> Iterator[str]:
-            detok = IncrementalDetokenizer(self.tokenizer)
-            for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event):
+        def produce(stop_event: threading.Event) -> Iterator[Delta]:
+            detok = IncrementalDetokenizer(self.decoder)
+            parser = ReasoningParser(self.thinking, opened[0]) if self.thinking else None
+            split = parser.feed if parser else (lambda text: [Delta(text, ANSWER)] if text else [])
+            for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event,
+                                        self._processors(reasoning, opened)):
                 token = int(step[0])
                 if token in self.stop_ids:
                     break
-                delta = detok.add(token)
-                if delta:
-                    yield delta
-            rest = detok.flush()
-            if rest:
-                yield rest
+                yield from split(detok.add(token))
+            yield from split(detok.flush())
+            if parser:
+                yield from parser.flush()
 
         yield from run_in_thread(produce, cancel)
 
@@ -89,12 +115,21 @@ class ChatPipeline:
 
     # ------------------------------------------------------------------------------------------
 
-    def _split(self, options: dict[str, Any]) -> tuple[Sampling, dict[str, Any]]:
+    def _split(self, options: dict[str, Any]) -> tuple[Sampling, dict[str, Any], dict[str, Any]]:
         media = {k: options.pop(k) for k in MEDIA_OPTIONS if k in options}
-        return self.defaults.override(**options), {k: v for k, v in media.items() if v is not None}
+        reasoning = {k: options.pop(k) for k in REASONING_OPTIONS if options.get(k) is not None}
+        if reasoning.get("thinking_budget") is not None:
+            budget = reasoning["thinking_budget"]
+            if self.thinking is None:
+                raise InputError(f"thinking_budget applies to thinking models; {self.family} does not think.")
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+                raise InputError(f"thinking_budget must be a non-negative integer, not {budget!r}")
+        options = {k: v for k, v in options.items() if k not in REASONING_OPTIONS}
+        return self.defaults.override(**options), {k: v for k, v in media.items() if v is not None}, reasoning
 
-    def _prepare(self, conversations: Any, sampling: Sampling, media: dict[str, Any]) -> dict[str, Any]:
-        inputs = self.encode(conversations, **media)
+    def _prepare(self, conversations: Any, sampling: Sampling, media: dict[str, Any],
+                 reasoning: dict[str, Any]) -> dict[str, Any]:
+        inputs = self.encode(conversations, enable_thinking=reasoning.get("enable_thinking"), **media)
         length = inputs["input_ids"].shape[1]
         if length + 1 > self.max_context:
             raise ContextLengthError(
@@ -102,10 +137,56 @@ class ChatPipeline:
                 "Shorten the conversation, use fewer or smaller images, or fewer video frames.")
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
-    def _output(self, ids: list[int], stopped: bool, cancelled: bool) -> GenerationOutput:
-        text_ids = ids[:-1] if stopped else ids
+    def _output(self, ids: list[int], stopped: bool, cancelled: bool, thinking: bool) -> GenerationOutput:
+        text = self.decoder.decode(ids[:-1] if stopped else ids)
         reason = "stop" if stopped else ("cancelled" if cancelled else "length")
-        return GenerationOutput(self.tokenizer.decode(text_ids), ids, reason)
+        if self.thinking is None:
+            return GenerationOutput(text, ids, reason)
+        split = split_reasoning(text, self.thinking, thinking)
+        return GenerationOutput(split.answer, ids, reason, split.reasoning)
+
+    def _opened(self, inputs: dict[str, Any]) -> list[bool]:
+        """Per row: does the prompt end inside an open think tag (a template that starts the reasoning)?"""
+        if self.thinking is None:
+            return [False] * inputs["input_ids"].shape[0]
+        return [opens_thinking(self.decoder.decode(row[-16:].tolist()), self.thinking) for row in inputs["input_ids"]]
+
+    def _processors(self, reasoning: dict[str, Any], opened: list[bool]) -> list[ThinkingBudget]:
+        budget = reasoning.get("thinking_budget")
+        if budget is None:
+            return []
+        forced = self.tokenizer.encode(self.thinking.force_answer)
+        return [ThinkingBudget(budget, self.thinking, forced, lambda: IncrementalDetokenizer(self.decoder), opened)]
+
+    def _without_reasoning(self, message: dict[str, Any]) -> dict[str, Any]:
+        """An earlier assistant turn as the official GLM demo sends it back: answer only, tags removed."""
+        if message["role"] != "assistant":
+            return message
+
+        def clean(text: str) -> str:
+            text = split_reasoning(text, self.thinking).answer
+            for token in self.markup:
+                text = text.replace(token, "")
+            return text
+
+        content = message["content"]
+        if isinstance(content, str):
+            return {**message, "content": clean(content)}
+        return {**message, "content": [{**p, "text": clean(p["text"])} if p["type"] == "text" else p for p in content]}
+
+
+class _MarkupDecoder:
+    """Decodes like the tokenizer (special tokens skipped) except for the `keep` tokens, which stay in the text."""
+
+    def __init__(self, tokenizer: Tokenizer, keep: Sequence[str]):
+        kept = {tokenizer.token_id(t) for t in keep} - {None}
+        self.tokenizer, self.dropped = tokenizer, tokenizer.special_ids - kept
+        self.keep_any = bool(kept & tokenizer.special_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        if not self.keep_any:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode([i for i in ids if i not in self.dropped], skip_special_tokens=False)
 
 
 def stop_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> set[int]:
