@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vlm", description="Vision-language models in plain PyTorch.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    chat = sub.add_parser("chat", help="ask a chat model about images / videos; the answer streams to stdout")
+    chat = sub.add_parser("chat", help="ask a chat model about images / videos; the answer streams to stdout "
+                                       "(a thinking model's reasoning to stderr)")
     chat.add_argument("model", help="local checkpoint directory or hub repo id")
     chat.add_argument("prompt", help="the question")
     chat.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
@@ -83,8 +84,9 @@ def _chat(args) -> int:
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                    do_sample=args.sample, max_pixels=args.max_pixels, fps=args.fps, num_frames=args.num_frames)
     for delta in pipe.stream(conversation, **{k: v for k, v in options.items() if v is not None}):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+        out = sys.stderr if delta.kind == "thinking" else sys.stdout  # the reasoning stays off stdout
+        out.write(delta)
+        out.flush()
     sys.stdout.write("\n")
     return 0
 

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ...errors import CheckpointError, InputError
+from ...layers.patches import patchify
 from ...media import VideoInfo, VideoSample, probe_video, read_frames, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -124,22 +125,6 @@ def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int 
     return h_bar, w_bar
 
 
-def _patchify(frames: torch.Tensor, s: PatchSettings) -> tuple[torch.Tensor, list[int]]:
-    """(T, C, H, W) float32 -> (grid_t * grid_h * grid_w, C * tp * p * p) rows and [grid_t, grid_h, grid_w].
-
-    T is padded to a multiple of the temporal patch size by repeating the last frame (an image is
-    one frame repeated).
-    """
-    tp, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
-    if pad := -frames.shape[0] % tp:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-    t, c, h, w = frames.shape
-    gt, gh, gw = t // tp, h // p, w // p
-    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
-    return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
-
-
 def preprocess_images(images: Sequence[Image.Image], s: PatchSettings, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images -> (pixel_values float32 [sum(h*w), C*tp*p*p], image_grid_thw int64 [n, 3]).
@@ -156,7 +141,7 @@ def preprocess_images(images: Sequence[Image.Image], s: PatchSettings, min_pixel
         h, w = smart_resize(s.temporal_patch_size, image.height, image.width, s.temporal_patch_size, s.factor, lo, hi)
         pixels = np.asarray(image.resize((w, h), resample=s.resample))  # (H, W, 3) uint8
         x = ((pixels.astype(np.float64) * s.rescale_factor).astype(np.float32) - mean) / std  # as the reference
-        patches, grid = _patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s)
+        patches, grid = patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s.temporal_patch_size, s.patch_size, s.merge_size)
         rows.append(patches)
         grids.append(grid)
     if not rows:
@@ -208,7 +193,7 @@ def preprocess_frames(frames: np.ndarray, s: PatchSettings, min_pixels: int | No
     mean = torch.tensor(s.image_mean) * (1.0 / s.rescale_factor)  # fused rescale + normalise
     std = torch.tensor(s.image_std) * (1.0 / s.rescale_factor)
     x = (x.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-    patches, grid = _patchify(x, s)
+    patches, grid = patchify(x, s.temporal_patch_size, s.patch_size, s.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long)
 
 

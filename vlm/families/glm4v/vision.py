@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from ...layers.attention import segment_attention
 from ...layers.mlp import GatedMLP, activation
 from ...layers.norms import RMSNorm
+from ...layers.patches import patch_rows_cols
 from ...layers.rotary import VisionRotary2D, rotate_half
-from ..qwen2_vl.vision import patch_rows_cols  # shared patch order (a candidate for layers/)
 
 
 @dataclass

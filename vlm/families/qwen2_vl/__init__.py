@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...boxes import MARKUP
 from ...checkpoint import load_weights, prefix_renamer, read_generation_config, sub_config
 from ...layers.decoder import DecoderConfig
 from ...pipeline import ChatPipeline, pad_id
@@ -38,4 +39,4 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     model.eval()
     build_inputs = Qwen2VLInputs(tokenizer, VisionSettings.from_dir(directory), ids)
     return ChatPipeline("qwen2_vl", model, tokenizer, build_inputs, generation, device, directory,
-                        max_context=text_fields.get("max_position_embeddings", 32768))
+                        max_context=text_fields.get("max_position_embeddings", 32768), markup=MARKUP)

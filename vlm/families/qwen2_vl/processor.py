@@ -23,6 +23,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ...errors import CheckpointError, InputError
+from ...layers.patches import patchify
 from ...media import VideoSample, probe_video, read_frames, sample_frames_bounded, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -139,22 +140,6 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _patchify(frames: torch.Tensor, s: _PatchSettings) -> tuple[torch.Tensor, list[int]]:
-    """(T, C, H, W) float32 -> (grid_t*grid_h*grid_w, C*tp*p*p) rows, and [grid_t, grid_h, grid_w].
-
-    T is padded to a multiple of temporal_patch_size by repeating the last frame (an image is one
-    frame repeated, as the reference broadcasts it).
-    """
-    tp, p, m = s.temporal_patch_size, s.patch_size, s.merge_size
-    if pad := -frames.shape[0] % tp:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-    t, c, h, w = frames.shape
-    gt, gh, gw = t // tp, h // p, w // p
-    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
-    return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
-
-
 def preprocess_images(
     images: Sequence[Image.Image],
     settings: VisionSettings,
@@ -174,7 +159,7 @@ def preprocess_images(
         pixels = np.asarray(image.resize((w, h), resample=s.resample))  # (H, W, 3) uint8
         # Same float steps as the reference: rescale in float64, then float32 normalise.
         x = ((pixels.astype(np.float64) * s.rescale_factor).astype(np.float32) - mean) / std
-        patches, grid = _patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s)
+        patches, grid = patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s.temporal_patch_size, s.patch_size, s.merge_size)
         rows.append(patches)
         grids.append(grid)
     if not rows:
@@ -206,7 +191,7 @@ def preprocess_frames(
     mean = torch.tensor(s.image_mean) * (1.0 / s.rescale_factor)  # fused rescale + normalise
     std = torch.tensor(s.image_std) * (1.0 / s.rescale_factor)
     x = (x.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-    patches, grid = _patchify(x, s)
+    patches, grid = patchify(x, s.temporal_patch_size, s.patch_size, s.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long)
 
 

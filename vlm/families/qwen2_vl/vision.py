@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ...layers.attention import segment_attention
 from ...layers.mlp import MLP
+from ...layers.patches import patch_rows_cols
 from ...layers.rotary import VisionRotary2D, rotate_half
 
 
@@ -121,14 +122,3 @@ class VisionTransformer(nn.Module):
             x = block(x, cos, sin, lengths)
         return self.merger(x)
 
-
-def patch_rows_cols(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
-    """(row, col) of every patch in the processor's order: merge x merge blocks laid out row-major."""
-    out = []
-    for t, h, w in grid_thw.tolist():
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        block = (h // merge, merge, w // merge, merge)
-        rows = rows.reshape(block).transpose(1, 2).flatten()
-        cols = cols.reshape(block).transpose(1, 2).flatten()
-        out.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
-    return torch.cat(out)
