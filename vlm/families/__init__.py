@@ -36,7 +36,11 @@ FAMILIES = {
     f.name: f
     for f in (
         Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "Qwen/Qwen2-VL-2B-Instruct"),
+        Family("llava_onevision", ("llava_onevision",), ("LlavaOnevisionForConditionalGeneration",),
+               "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
         Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc"),
+        Family("glm4v", ("glm4v",), ("Glm4vForConditionalGeneration",), "THUDM/GLM-4.1V-9B-Thinking"),
+        Family("glm4", ("glm4",), ("Glm4ForCausalLM",), "THUDM/GLM-4-9B-0414"),
     )
 }
 
