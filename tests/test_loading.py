@@ -179,3 +179,15 @@ def test_peak_memory_while_loading_is_about_the_weights(big_dir, dtype):
                             timeout=300, check=True)
     ratio = float(result.stdout.strip().splitlines()[-1])
     assert ratio <= 1.2, f"peak RSS while loading is {ratio:.2f}x the weights"
+
+
+def test_pytorch_bin_weights_load_like_safetensors(copy, media_dir):
+    """Older hub repos (e.g. nvidia/groupvit-gcc-yfcc) ship pytorch_model.bin only."""
+    conv = [{"role": "user", "content": "Hello"}]
+    expected = vlm.load(copy, dtype="float32").generate(conv, max_new_tokens=4)[0].token_ids
+    torch.save(load_file(copy / "model.safetensors"), copy / "pytorch_model.bin")
+    (copy / "model.safetensors").unlink()
+    assert vlm.load(copy, dtype="float32").generate(conv, max_new_tokens=4)[0].token_ids == expected
+    (copy / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(errors.CheckpointError, match="pytorch_model.bin"):
+        vlm.load(copy, dtype="float32")

@@ -109,19 +109,39 @@ def _faster_cpu_dtype() -> torch.dtype:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """Safetensors files of a checkpoint: those an index names, else every *.safetensors file."""
+    """Weight files of a checkpoint: safetensors (an index's shards, else every *.safetensors), else
+    PyTorch pickles (pytorch_model.bin or its shards), which older hub repos still ship."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
-        return [directory / n for n in names]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} holds no *.safetensors weights.")
-    return files
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = directory / index_name
+        if index.is_file():
+            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [n for n in names if not (directory / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
+            return [directory / n for n in names]
+        files = sorted(directory.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"{directory} holds no weights (*.safetensors or pytorch_model.bin).")
+
+
+def _tensor_entries(file: Path) -> dict[str, Any]:
+    """name -> safetensors header entry, or (for a .bin) the tensor itself, memory-mapped."""
+    if file.suffix != ".bin":
+        return read_safetensors_header(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(f"{file} is not a readable PyTorch weights file: {exc}") from exc
+
+
+def _read_tensor(file: Path, key: str, entry: Any, dtype: torch.dtype | None, buffers: dict) -> torch.Tensor:
+    if isinstance(entry, torch.Tensor):
+        cast = dtype is not None and entry.is_floating_point() and dtype.is_floating_point
+        return entry.to(dtype) if cast else entry.clone()
+    return read_safetensors_tensor(file, key, entry, dtype, buffers)
 
 
 def load_weights(
@@ -141,7 +161,7 @@ def load_weights(
     """
     expected = dict(_named_tensors(model))
     entries = [(file, key, rename(key), info) for file in weight_files(directory)
-               for key, info in read_safetensors_header(file).items()]
+               for key, info in _tensor_entries(file).items()]
     entries = [e for e in entries if e[2] is not None]
     unexpected = sorted(key for _, key, name, _ in entries if name not in expected)
     if unexpected:
@@ -154,7 +174,7 @@ def load_weights(
     buffers: dict[torch.dtype, torch.Tensor] = {}
     for file, key, name, info in entries:
         target = expected[name]
-        tensor = read_safetensors_tensor(file, key, info, dtype if target.is_floating_point() else None, buffers)
+        tensor = _read_tensor(file, key, info, dtype if target.is_floating_point() else None, buffers)
         _assign(model, name, tensor, target, device)
     for target, source in (tied or {}).items():
         if target in expected and target not in present:

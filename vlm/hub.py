@@ -25,6 +25,7 @@ CHECKPOINT_PATTERNS = [
     "processor_config.json",
     "video_preprocessor_config.json",
 ]
+LEGACY_WEIGHT_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 
 
 def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
@@ -50,7 +51,10 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
     )
 
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        path = Path(snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        if not any(path.glob("*.safetensors")):  # an older repo with PyTorch pickles only
+            path = Path(snapshot_download(name, revision=revision, allow_patterns=LEGACY_WEIGHT_PATTERNS))
+        return path
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
         raise ModelNotFoundError(f"The hub has no accessible repo {name!r} (revision {revision or 'main'}): {exc}") from exc
     except LocalEntryNotFoundError as exc:
