@@ -1,0 +1,239 @@
+"""SessionManager: lazy loading once, LRU eviction under a memory budget, per-family slots, caps, and
+generations in background threads (streaming, cancel, timeout, errors, no thread left behind)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import vlm.tiny
+from vlm.errors import InputError
+from vlm.reasoning import Delta
+from vlm.session import Limits, MemoryBudgetError, SessionManager
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = str(ROOT / "assets" / "shapes.png")
+VIDEO = str(ROOT / "assets" / "bouncing_ball.mp4")  # 3 s at 10 fps
+TEXT = [{"role": "user", "content": "Tell me a story."}]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FakeTokenizer:
+    def encode_plain(self, text: str) -> list[str]:
+        return text.split()
+
+
+class FakePipeline:
+    """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas."""
+
+    def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None):
+        self.deltas, self.delay, self.fail_after = list(deltas), delay, fail_after
+        self.tokenizer = FakeTokenizer()
+        self.options: dict = {}
+
+    def stream(self, conversation, cancel=None, **options):
+        self.options = options
+        for i, delta in enumerate(self.deltas):
+            if i == self.fail_after:
+                raise RuntimeError("boom")
+            if cancel is not None and cancel.is_set():
+                return
+            time.sleep(self.delay)
+            yield delta
+
+
+def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), load_seconds=0.0, **kwargs):
+    """A manager whose sources are names: `sizes[name]` bytes, `make(name)` builds the pipeline, loads are
+    recorded in `manager.loads`."""
+    loads: list[str] = []
+
+    def load(directory):
+        loads.append(directory)
+        time.sleep(load_seconds)
+        return make(directory)
+
+    manager = SessionManager(budget, resolve=lambda source: source, estimate=lambda d: (sizes or {}).get(d, 1),
+                             load=load, **kwargs)
+    manager.loads = loads
+    return manager
+
+
+def session_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-generate"))]
+
+
+def finish(generation):
+    *_, last = generation.updates(0.01)
+    assert generation.join(5)
+    return last
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    yield
+    deadline = time.monotonic() + 5
+    while session_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not session_threads()
+
+
+# --------------------------------------------------------------------------------------------- loading
+def test_loads_lazily_once_under_concurrent_requests():
+    manager = fake_manager(load_seconds=0.3)
+    assert manager.loads == [] and manager.loaded() == {}
+    barrier = threading.Barrier(8)
+    got = []
+
+    def ask():
+        barrier.wait()
+        got.append(manager.get("qwen2_vl", "q"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert manager.loads == ["q"]
+    assert len(got) == 8 and all(p is got[0] for p in got)
+
+
+def test_evicts_the_least_recently_used_family_to_fit_the_budget():
+    manager = fake_manager({"a": 40, "b": 30, "c": 40}, budget=100)
+    manager.get("fa", "a")
+    manager.get("fb", "b")
+    manager.get("fa", "a")  # fa is now more recent than fb
+    manager.get("fc", "c")  # 40 + 30 + 40 > 100: fb goes
+    assert set(manager.loaded()) == {"fa", "fc"}
+    assert sum(e.nbytes for e in manager.loaded().values()) == 80
+
+
+def test_a_model_larger_than_the_budget_fails_without_evicting_anything():
+    manager = fake_manager({"a": 40, "huge": 200}, budget=100)
+    manager.get("fa", "a")
+    with pytest.raises(MemoryBudgetError, match="VLM_MEMORY_BUDGET_GB"):
+        manager.get("fh", "huge")
+    assert set(manager.loaded()) == {"fa"}
+
+
+def test_one_model_per_family_and_explicit_unload():
+    manager = fake_manager()
+    first = manager.get("qwen2_vl", "q1")
+    second = manager.get("qwen2_vl", "q2")
+    assert first is not second
+    assert [e.source for e in manager.loaded().values()] == ["q2"]
+    assert manager.unload("qwen2_vl") and not manager.unload("qwen2_vl")
+    assert manager.loaded() == {}
+    manager.get("qwen2_vl", "q2")
+    assert manager.loads == ["q1", "q2", "q2"]
+
+
+def test_progress_reports_the_estimated_memory():
+    manager = fake_manager({"q": 3 * 2**20})
+    messages = []
+    manager.get("qwen2_vl", "q", lambda done, message: messages.append((done, message)))
+    assert messages[-1][0] == 1.0
+    assert any("3.0 MB" in m for _, m in messages)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_generation_streams_into_snapshots_with_stats():
+    manager = fake_manager()
+    generation = manager.generate("qwen2_vl", "q", TEXT, max_new_tokens=5)
+    snaps = list(generation.updates(0.005))
+    assert generation.join(5)
+    last = snaps[-1]
+    assert last.done and last.finish == "stop" and last.error is None
+    assert last.answer == "one two three "
+    assert any(not s.done and s.answer for s in snaps)  # text arrived before the end
+    assert last.stats.tokens == 3 and last.stats.visual_tokens == 0
+    assert last.stats.seconds_to_first_token is not None
+
+
+def test_thinking_deltas_are_kept_apart():
+    manager = fake_manager(make=lambda source: FakePipeline([Delta("hmm ", "thinking"), Delta("so ", "thinking"),
+                                                      Delta("yes", "answer")]))
+    last = finish(manager.generate("glm4v", "g", TEXT))
+    assert (last.thinking, last.answer) == ("hmm so ", "yes")
+
+
+def test_cancel_stops_the_generation_and_its_thread():
+    manager = fake_manager(make=lambda source: FakePipeline(["x "] * 1000, delay=0.01))
+    cancel = threading.Event()
+    generation = manager.generate("qwen2_vl", "q", TEXT, cancel)
+    for snap in generation.updates(0.01):
+        if snap.answer:
+            cancel.set()
+    assert generation.join(1)
+    assert snap.done and snap.finish == "cancelled" and 0 < len(snap.answer) < 2000
+
+
+def test_an_exception_becomes_the_error_and_keeps_the_text():
+    manager = fake_manager(make=lambda source: FakePipeline(fail_after=2))
+    last = finish(manager.generate("qwen2_vl", "q", TEXT))
+    assert last.finish == "error" and isinstance(last.error, RuntimeError)
+    assert last.answer == "one two "
+
+
+def test_a_load_failure_is_the_generations_error():
+    def load(directory):
+        raise OSError("disk on fire")
+
+    manager = SessionManager(resolve=lambda s: s, estimate=lambda d: 1, load=load)
+    last = finish(manager.generate("qwen2_vl", "q", TEXT))
+    assert last.finish == "error" and "disk on fire" in str(last.error)
+
+
+def test_time_cap_cancels_with_timeout():
+    manager = fake_manager(make=lambda source: FakePipeline(["x "] * 1000, delay=0.01), limits=Limits(max_seconds=0.3))
+    last = finish(manager.generate("qwen2_vl", "q", TEXT))
+    assert last.finish == "timeout" and last.answer
+
+
+def test_requests_of_one_family_wait_for_a_slot_and_can_cancel_while_waiting():
+    manager = fake_manager(make=lambda source: FakePipeline(["x "] * (500 if source == "q" else 3), delay=0.02),
+                           family_concurrency=1)
+    first = manager.generate("qwen2_vl", "q", TEXT)
+    time.sleep(0.1)
+    cancel = threading.Event()
+    second = manager.generate("qwen2_vl", "q", TEXT, cancel)
+    time.sleep(0.2)
+    assert second.snapshot().status.startswith("Waiting") and not second.snapshot().answer
+    other = finish(manager.generate("glm4v", "g", TEXT))  # another family is not blocked
+    assert other.finish == "stop" and not first.snapshot().done
+    cancel.set()
+    assert finish(second).finish == "cancelled" and not second.snapshot().answer
+    first.cancel()
+    assert finish(first).finish == "cancelled"
+
+
+@pytest.mark.parametrize("conversation, options, message", [
+    (TEXT, {"max_new_tokens": 10_000}, "max_new_tokens"),
+    ([{"role": "user", "content": [{"type": "image", "path": IMAGE}] * 3}], {}, "3 images"),
+    ([{"role": "user", "content": [{"type": "video", "path": VIDEO}]}], {"fps": 2.0}, "6 frames"),
+    ([{"role": "user", "content": [{"type": "video", "path": VIDEO}]}], {"num_frames": 8}, "8 frames"),
+])
+def test_requests_over_the_caps_are_refused(conversation, options, message):
+    manager = fake_manager(limits=Limits(max_new_tokens=100, max_images=2, max_frames=4))
+    last = finish(manager.generate("qwen2_vl", "q", conversation, **options))
+    assert isinstance(last.error, InputError) and message in str(last.error)
+    assert manager.loads == []  # refused before loading anything
+
+
+# ---------------------------------------------------------------------------------- with a real model
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    return str(vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl")))
+
+
+def test_real_tiny_model_counts_visual_tokens_and_stops(tiny_qwen):
+    manager = SessionManager(dtype="float32")
+    conversation = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "Hi"}]}]
+    last = finish(manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=8, max_pixels=56 * 56 * 4))
+    assert last.error is None and last.finish == "stop"
+    assert last.stats.visual_tokens == 12  # 640 x 480 resized to 112 x 84: 4 x 3 merged 28-pixel patches
+    bad = finish(manager.generate("qwen2_vl", tiny_qwen, TEXT, top_p=5.0))
+    assert isinstance(bad.error, InputError) and "top_p" in str(bad.error)

@@ -1,0 +1,382 @@
+"""SessionManager: models loaded lazily (at most one per family) under a memory budget, and answers
+generated in background threads.
+
+UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
+cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .conversation import media_items, normalize
+from .errors import InputError, VLMError
+
+Progress = Callable[[float, str], None]  # (fraction done, message)
+POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
+
+
+class MemoryBudgetError(VLMError):
+    """A model does not fit the memory budget even with every other model unloaded."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on one request."""
+
+    max_new_tokens: int = 2048
+    max_images: int = 8
+    max_frames: int = 64
+    max_seconds: float = 300.0
+
+
+@dataclass
+class LoadedModel:
+    family: str
+    source: str  # what was asked for: hub repo id or local directory
+    pipeline: Any
+    nbytes: int  # estimated memory of the weights
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionManager:
+    """Loads models on first use, one per family, evicting the least recently used ones to fit `budget`.
+
+    `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
+    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load.
+    """
+
+    def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
+                 device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
+                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None):
+        self.budget = budget_bytes
+        self.limits = limits
+        self._resolve = resolve or _hub_resolve
+        self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
+        self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
+        self._models: dict[str, LoadedModel] = {}
+        self._state = threading.Lock()  # guards _models
+        self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
+        self.concurrency = family_concurrency
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+
+    # -------------------------------------------------------------------------------------- models
+    def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
+        """The pipeline of `family` loaded from `source`, loading it (once) if needed."""
+        report = progress or (lambda fraction, message: None)
+        cached = self._lookup(family, source)
+        if cached is not None:
+            return cached
+        with self._loading:
+            cached = self._lookup(family, source)
+            if cached is not None:
+                return cached
+            report(0.0, f"Finding {source} (downloading it if needed)…")
+            directory = self._resolve(source)
+            nbytes = self._estimate(directory)
+            report(0.3, f"Estimated memory {format_bytes(nbytes)}; making room…")
+            self._make_room(family, nbytes)
+            report(0.4, f"Loading {family} weights ({format_bytes(nbytes)})…")
+            pipeline = self._load(directory)
+            with self._state:
+                self._models[family] = LoadedModel(family, source, pipeline, nbytes)
+            report(1.0, f"{family} loaded ({format_bytes(nbytes)}).")
+            return pipeline
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        """A snapshot of the loaded models by family."""
+        with self._state:
+            return {name: replace(entry) for name, entry in self._models.items()}
+
+    def unload(self, family: str) -> bool:
+        """Forget `family`'s model (generations still running keep theirs until they end)."""
+        with self._state:
+            entry = self._models.pop(family, None)
+        if entry is not None:
+            _free_memory()
+        return entry is not None
+
+    def _lookup(self, family: str, source: str) -> Any:
+        with self._state:
+            entry = self._models.get(family)
+            if entry is None or entry.source != source:
+                return None
+            entry.last_used = time.monotonic()
+            return entry.pipeline
+
+    def _make_room(self, family: str, nbytes: int) -> None:
+        """Drop `family`'s other checkpoint and the least recently used families until `nbytes` fit.
+
+        Nothing is dropped when the model would not fit even alone.
+        """
+        with self._state:
+            others = sorted((e for e in self._models.values() if e.family != family), key=lambda e: e.last_used)
+            used = sum(e.nbytes for e in others)
+            if self.budget is not None and nbytes > self.budget:
+                raise MemoryBudgetError(
+                    f"{family} needs about {format_bytes(nbytes)} but the memory budget is "
+                    f"{format_bytes(self.budget)}; raise VLM_MEMORY_BUDGET_GB or use a smaller checkpoint.")
+            evict = [family] if family in self._models else []
+            for entry in others:
+                if self.budget is None or used + nbytes <= self.budget:
+                    break
+                evict.append(entry.family)
+                used -= entry.nbytes
+            for name in evict:
+                del self._models[name]
+        if evict:
+            _free_memory()
+
+    # ------------------------------------------------------------------------------------- requests
+    @contextmanager
+    def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
+        """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
+        with self._state:
+            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.concurrency))
+        while not semaphore.acquire(timeout=POLL_SECONDS):
+            if cancel is not None and cancel.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            semaphore.release()
+
+    def check(self, conversation: Any, options: dict[str, Any]) -> None:
+        """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""
+        tokens = options.get("max_new_tokens")
+        if tokens is not None and tokens > self.limits.max_new_tokens:
+            raise InputError(f"max_new_tokens is {tokens}; this server allows at most {self.limits.max_new_tokens}.")
+        media = media_items(normalize(conversation))
+        images = sum(m.kind == "image" for m in media)
+        if images > self.limits.max_images:
+            raise InputError(f"The conversation holds {images} images; this server allows at most "
+                             f"{self.limits.max_images}. Clear the chat or send fewer images.")
+        for item in media:
+            if item.kind == "video":
+                frames = video_frames(item.source, options.get("fps"), options.get("num_frames"))
+                if frames > self.limits.max_frames:
+                    raise InputError(f"The video would use {frames} frames; this server allows at most "
+                                     f"{self.limits.max_frames}. Lower the video fps or set the number of frames.")
+
+    def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
+                 **options: Any) -> "Generation":
+        """Start answering `conversation` in a background thread; see Generation."""
+        return Generation(self, family, source, conversation, options, cancel or threading.Event())
+
+    def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
+                **options: Any) -> Any:
+        """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        with self.slot(family):
+            return self.get(family, source, progress).segment(image, labels, **options)
+
+
+# ------------------------------------------------------------------------------------------ generation
+@dataclass(frozen=True)
+class Stats:
+    seconds_to_first_token: float | None
+    tokens: int
+    seconds: float  # from the request to the last token
+    visual_tokens: int
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decoding speed after the first token."""
+        if self.seconds_to_first_token is None or self.tokens < 2:
+            return None
+        decoding = self.seconds - self.seconds_to_first_token
+        return (self.tokens - 1) / decoding if decoding > 0 else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a generation has produced so far."""
+
+    version: int
+    status: str  # a line for the user while no text has arrived ("Loading…", "Waiting…")
+    thinking: str
+    answer: str
+    done: bool = False
+    finish: str | None = None  # when done: "stop" | "cancelled" | "timeout" | "error"
+    error: BaseException | None = None
+    stats: Stats | None = None
+
+
+class Generation:
+    """One answer produced in a background thread; `updates()` hands its progress to the caller.
+
+    Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. Setting the
+    cancel event (or `cancel()`) stops the model within one step; a request running longer than the
+    time cap is cancelled with finish "timeout". Exceptions end up in `Snapshot.error`.
+    """
+
+    def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
+                 options: dict[str, Any], cancel: threading.Event):
+        self.family, self.source = family, source
+        self._manager, self._conversation, self._options = manager, conversation, options
+        self._cancel = cancel
+        self._timed_out = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
+        self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
+        self._thread.start()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._snapshot
+
+    def updates(self, interval: float = 0.05) -> Iterator[Snapshot]:
+        """Yield a snapshot whenever something changed, at most once per `interval`, the last one done."""
+        seen = -1
+        while True:
+            finished = self._done.wait(interval)
+            snap = self.snapshot()
+            if snap.version != seen:
+                seen = snap.version
+                yield snap
+            if finished:
+                return
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
+
+    def _run(self) -> None:
+        manager = self._manager
+        timer = threading.Timer(manager.limits.max_seconds, self._time_up)
+        timer.daemon = True
+        start = time.perf_counter()
+        first: float | None = None
+        texts = {"thinking": "", "answer": ""}
+        finish, error, stats = "stop", None, None
+        try:
+            manager.check(self._conversation, self._options)
+            timer.start()
+            with manager.slot(self.family, self._cancel) as acquired:
+                if acquired:
+                    self._update(status=f"Loading {self.family}…")
+                    pipeline = manager.get(self.family, self.source,
+                                           lambda _, message: self._update(status=message))
+                    self._update(status="Reading the inputs…")
+                    start = time.perf_counter()
+                    for delta in pipeline.stream(self._conversation, cancel=self._cancel, **self._options):
+                        first = first or time.perf_counter()
+                        part = "thinking" if getattr(delta, "kind", "answer") == "thinking" else "answer"
+                        texts[part] += delta
+                        self._update(**{part: texts[part]})
+                    stats = Stats(None if first is None else first - start,
+                                  sum(count_tokens(pipeline, t) for t in texts.values()),
+                                  time.perf_counter() - start,
+                                  visual_tokens(pipeline, self._conversation, self._options))
+            if self._timed_out.is_set():
+                finish = "timeout"
+            elif self._cancel.is_set():
+                finish = "cancelled"
+        except Exception as exc:  # handed to the caller, who shows it in that user's chat
+            finish, error = "error", exc
+        finally:
+            timer.cancel()
+            if timer.is_alive():
+                timer.join()
+            self._update(status="", done=True, finish=finish, error=error, stats=stats)
+            self._done.set()
+
+    def _time_up(self) -> None:
+        self._timed_out.set()
+        self._cancel.set()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def count_tokens(pipeline: Any, text: str) -> int:
+    """Tokens of generated text (re-encoded; exact for text the model would write the same way)."""
+    return len(pipeline.tokenizer.encode_plain(text)) if text else 0
+
+
+def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
+    """Image and video placeholder tokens in the prompt (0 for a text-only conversation)."""
+    if not media_items(normalize(conversation)):
+        return 0
+    from .checkpoint import read_config
+
+    config = read_config(pipeline.directory)
+    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
+    ids = {config[k] for k in keys if isinstance(config.get(k), int)}
+    media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
+    input_ids = pipeline.encode(conversation, **media)["input_ids"]
+    return sum(int((input_ids == i).sum()) for i in ids)
+
+
+def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
+    """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
+    if num_frames:
+        return int(num_frames)
+    from .media import probe_video
+
+    info = probe_video(source)
+    return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
+
+
+def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
+    """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
+    from safetensors import safe_open
+
+    from .checkpoint import resolve_device, resolve_dtype, weight_files
+
+    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    total = 0
+    for file in weight_files(Path(directory)):
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                tensor = reader.get_slice(key)
+                kind = tensor.get_dtype()
+                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
+                total += math.prod(tensor.get_shape()) * size
+    return total
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KB"."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"
+
+
+def _hub_resolve(source: str) -> Path:
+    from .hub import resolve
+
+    return resolve(source)
+
+
+def _vlm_load(directory: Path, device: str, dtype: str) -> Any:
+    from . import load
+
+    return load(directory, device=device, dtype=dtype)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

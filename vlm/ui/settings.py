@@ -1,0 +1,95 @@
+"""The demo's settings, read from environment variables (all optional).
+
+VLM_MODEL_<FAMILY>      hub repo id or local directory for a family, e.g.
+                        VLM_MODEL_QWEN2_VL=Qwen/Qwen2-VL-7B-Instruct or VLM_MODEL_GROUPVIT=/models/groupvit
+VLM_TINY=1              serve every family without a VLM_MODEL_* from a tiny random checkpoint (no download)
+VLM_FAMILIES            comma-separated families to serve, e.g. qwen2_vl,groupvit (default: all)
+VLM_CACHE_DIR           where tiny checkpoints are written (default: $HF_HOME/vlm-tiny)
+VLM_DEVICE, VLM_DTYPE   as vlm.load (default "auto")
+VLM_MEMORY_BUDGET_GB    weights kept loaded at once (default: 90% of GPU memory, else 70% of RAM)
+VLM_QUEUE_SIZE          requests waiting in Gradio's queue (default 32)
+VLM_CONCURRENCY         requests served at once per family (default 1)
+VLM_MAX_NEW_TOKENS, VLM_MAX_IMAGES, VLM_MAX_FRAMES, VLM_MAX_SECONDS
+                        per-request caps (default 2048 tokens, 8 images, 64 video frames, 300 s)
+VLM_MAX_FILE_SIZE       largest upload (default "50mb")
+VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the checkpoint box
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..session import Limits
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: dict[str, str]  # family -> hub id or directory, from VLM_MODEL_<FAMILY>
+    families: tuple[str, ...] | None  # None: every registered family
+    tiny: bool
+    cache_dir: Path
+    device: str
+    dtype: str
+    memory_budget_bytes: int | None
+    queue_size: int
+    concurrency: int
+    limits: Limits
+    max_file_size: str
+    custom_checkpoints: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        def number(name: str, default: float) -> float:
+            value = env.get(name, "").strip()
+            try:
+                return float(value) if value else default
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a number.") from None
+
+        budget_gb = number("VLM_MEMORY_BUDGET_GB", 0.0)
+        device = env.get("VLM_DEVICE", "auto")
+        return cls(
+            models={k[len("VLM_MODEL_"):].lower(): v for k, v in env.items() if k.startswith("VLM_MODEL_") and v},
+            families=tuple(f.strip() for f in env["VLM_FAMILIES"].split(",") if f.strip())
+            if env.get("VLM_FAMILIES", "").strip() else None,
+            tiny=flag(env.get("VLM_TINY")),
+            cache_dir=Path(env.get("VLM_CACHE_DIR") or default_cache_dir(env)),
+            device=device,
+            dtype=env.get("VLM_DTYPE", "auto"),
+            memory_budget_bytes=int(budget_gb * 2**30) if budget_gb > 0 else default_budget(device),
+            queue_size=int(number("VLM_QUEUE_SIZE", 32)),
+            concurrency=int(number("VLM_CONCURRENCY", 1)),
+            limits=Limits(
+                max_new_tokens=int(number("VLM_MAX_NEW_TOKENS", Limits.max_new_tokens)),
+                max_images=int(number("VLM_MAX_IMAGES", Limits.max_images)),
+                max_frames=int(number("VLM_MAX_FRAMES", Limits.max_frames)),
+                max_seconds=number("VLM_MAX_SECONDS", Limits.max_seconds),
+            ),
+            max_file_size=env.get("VLM_MAX_FILE_SIZE", "50mb"),
+            custom_checkpoints=flag(env.get("VLM_CUSTOM_CHECKPOINTS")),
+        )
+
+
+def flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                              "huggingface")
+    return Path(home) / "vlm-tiny"
+
+
+def default_budget(device: str) -> int | None:
+    """90% of the GPU's memory on CUDA, else 70% of the machine's RAM (None when unknown)."""
+    import torch
+
+    try:
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            return int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+        return int(0.7 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (RuntimeError, ValueError, OSError, AttributeError):  # no such device / no sysconf
+        return None
