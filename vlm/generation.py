@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .caching import PrefixPool
 from .errors import GenerationError, InputError, VLMError
 
 
@@ -102,42 +103,65 @@ class Sampler:
 def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids: set[int], pad_id: int,
                     cancel: threading.Event | None = None,
                     logits_processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
-                    ) -> Iterator[torch.Tensor]:
+                    prefixes: PrefixPool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step, until all rows stop, the budget or `cancel`.
 
     Rows that already stopped receive `pad_id`. `lm_head` runs on the last position only.
     `logits_processors` map (logits, history) to new logits before sampling (e.g. a thinking budget).
+    With `prefixes`, a single conversation reuses the KV cache of an earlier one that shares its
+    beginning (only the new tokens are run) and leaves its own cache there afterwards.
     """
     ids = inputs["input_ids"]
-    batch, length = ids.shape
-    valid = inputs["attention_mask"].bool()
+    batch = ids.shape[0]
     axes = inputs["positions"].shape[0]
-    cache = model.new_cache(batch, length + sampling.max_new_tokens)
+    pool = prefixes if batch == 1 else None
+    cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool)
     sampler = Sampler(sampling, ids.device)
     stop = torch.tensor(sorted(stop_ids), device=ids.device, dtype=torch.long)
-    hidden = model.forward(model.embed(inputs), inputs["positions"], cache, valid)
-    logits = model.logits(hidden[:, -1])
     position = inputs["next_position"].clone()
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    history = ids
+    history, decoded_positions = ids, []
     one = torch.ones(batch, 1, dtype=torch.bool, device=ids.device)
-    for step in range(sampling.max_new_tokens):
-        if cancel is not None and cancel.is_set():
-            return
-        for process in logits_processors:
-            logits = process(logits, history)
-        tokens = sampler(logits, history).masked_fill(finished, pad_id)
-        yield tokens
-        finished |= torch.isin(tokens, stop)
-        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
-            return
-        if cancel is not None and cancel.is_set():
-            return
-        history = torch.cat([history, tokens[:, None]], dim=1)
-        positions = position.view(1, batch, 1).expand(axes, batch, 1)
-        hidden = model.forward(model.embed_tokens(tokens[:, None]), positions, cache, one)
-        logits = model.logits(hidden[:, -1])
-        position += 1
+    try:
+        for step in range(sampling.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                return
+            for process in logits_processors:
+                logits = process(logits, history)
+            tokens = sampler(logits, history).masked_fill(finished, pad_id)
+            yield tokens
+            finished |= torch.isin(tokens, stop)
+            if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+                return
+            if cancel is not None and cancel.is_set():
+                return
+            positions = position.view(1, batch, 1).expand(axes, batch, 1)
+            hidden = model.forward(model.embed_tokens(tokens[:, None]), positions, cache, one)
+            history = torch.cat([history, tokens[:, None]], dim=1)
+            decoded_positions.append(positions[:, 0])
+            logits = model.logits(hidden[:, -1])
+            position += 1
+    finally:
+        if pool is not None:
+            decoded = model.embed_tokens(history[:, ids.shape[1]:])
+            pool.put(history[0], torch.cat([inputs["positions"][:, 0], *decoded_positions], dim=1),
+                     torch.cat([embeds, decoded], dim=1)[0], cache)
+
+
+def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | None):
+    """Run the prompt (only what a pooled cache does not already hold); return the cache, the last
+    logits and the prompt's input embeddings."""
+    ids, positions = inputs["input_ids"], inputs["positions"]
+    embeds = model.embed(inputs)  # vision features come from the model's FeatureCache when known
+    reused = pool.take(ids[0], positions[:, 0], embeds[0]) if pool is not None else None
+    if reused is None:
+        cache, start = model.new_cache(ids.shape[0], capacity), 0
+    else:
+        cache, start = reused
+        cache.truncate(start)
+        cache.reserve(capacity)
+    hidden = model.forward(embeds[:, start:], positions[..., start:], cache, inputs["attention_mask"][:, start:].bool())
+    return cache, model.logits(hidden[:, -1]), embeds
 
 
 def run_in_thread(produce: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .caching import PrefixPool
 from .conversation import is_batch, normalize
 from .errors import ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
@@ -42,6 +43,7 @@ class ChatPipeline:
         self.directory = directory
         self.max_context = max_context
         self.defaults = Sampling.from_generation_config(generation_config)
+        self.prefixes = PrefixPool()  # KV caches of recent conversations, reused by their follow-ups
         self.stop_ids = stop_ids(generation_config, tokenizer)
         self.pad_id = pad_id(generation_config, tokenizer)
 
@@ -71,7 +73,7 @@ class ChatPipeline:
         done = [False] * batch
         opened = self._opened(inputs)
         for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, cancel,
-                                    self._processors(reasoning, opened)):
+                                    self._processors(reasoning, opened), self.prefixes):
             for row, token in enumerate(step.tolist()):
                 if not done[row]:
                     tokens[row].append(token)
@@ -98,7 +100,7 @@ class ChatPipeline:
             parser = ReasoningParser(self.thinking, opened[0]) if self.thinking else None
             split = parser.feed if parser else (lambda text: [Delta(text, ANSWER)] if text else [])
             for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event,
-                                        self._processors(reasoning, opened)):
+                                        self._processors(reasoning, opened), self.prefixes):
                 token = int(step[0])
                 if token in self.stop_ids:
                     break

@@ -52,6 +52,23 @@ class KVCache:
     def commit(self, count: int) -> None:
         self.length += count
 
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` positions."""
+        self.length = min(self.length, length)
+
+    def reserve(self, capacity: int) -> None:
+        """Grow to hold `capacity` positions (copying what is filled)."""
+        if capacity <= self.capacity:
+            return
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                store[i] = new
+        valid = self.valid.new_zeros(self.valid.shape[0], capacity)
+        valid[:, :self.length] = self.valid[:, :self.length]
+        self.valid, self.capacity = valid, capacity
+
 
 class SelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped KV heads and rotary positions (Llama/Qwen2 naming)."""

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...caching import FeatureCache
 from ...errors import InputError
 from ...layers.attention import KVCache
 from ...layers.decoder import DecoderConfig
@@ -35,6 +36,7 @@ class Glm4v(nn.Module):
                                     "visual": VisionTransformer(vision)})
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.image_token_id = image_token_id
+        self.features = FeatureCache()
 
     @property
     def language_model(self) -> GlmDecoder:
@@ -58,7 +60,7 @@ class Glm4v(nn.Module):
             grids = inputs[grid]
             if kind == 2:
                 grids = torch.repeat_interleave(grids, grids[:, 0], dim=0).index_fill(1, torch.tensor([0]), 1)
-            features = self.visual(inputs[pixels].to(embeds.device), grids)
+            features = self.features(self.visual, inputs[pixels].to(embeds.device), grids)
             slots = (ids == self.image_token_id) & (inputs["mm_token_type_ids"].to(ids.device) == kind)
             if int(slots.sum()) != features.shape[0]:
                 raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...caching import FeatureCache
 from ...checkpoint import prefix_renamer, sub_config
 from ...errors import CheckpointError, InputError, UnsupportedModelError
 from ...layers.attention import KVCache
@@ -128,6 +129,7 @@ class LlavaOnevision(nn.Module):
         self.multi_modal_projector = Projector(cfg.vision.hidden_size * len(cfg.feature_layers), text.hidden_size,
                                                cfg.projector_act, cfg.projector_bias)
         self.image_newline = nn.Parameter(torch.empty(text.hidden_size))
+        self.features = FeatureCache()
 
     # ------------------------------------------------------------------------------------ vision
 
@@ -205,11 +207,11 @@ class LlavaOnevision(nn.Module):
         ids = inputs["input_ids"]
         embeds = self.embed_tokens(ids)
         if "pixel_values" in inputs:
-            features = self.image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                           inputs.get("batch_num_images"))
+            features = self.features(self.image_features, inputs["pixel_values"], inputs["image_sizes"],
+                                     inputs.get("batch_num_images"))
             _scatter(embeds, ids == self.cfg.image_token_id, features, "image")
         if "pixel_values_videos" in inputs:
-            features = self.video_features(inputs["pixel_values_videos"], inputs.get("video_num_frames"))
+            features = self.features(self.video_features, inputs["pixel_values_videos"], inputs.get("video_num_frames"))
             _scatter(embeds, ids == self.cfg.video_token_id, features, "video")
         return embeds
 

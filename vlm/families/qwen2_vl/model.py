@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...caching import FeatureCache
 from ...errors import InputError
 from ...layers.attention import KVCache
 from ...layers.decoder import Decoder, DecoderConfig
@@ -29,6 +30,7 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(vision)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.image_token_id, self.video_token_id = image_token_id, video_token_id
+        self.features = FeatureCache()
 
     def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Token embeddings with vision features written over the image/video placeholders."""
@@ -38,7 +40,7 @@ class Qwen2VL(nn.Module):
                                     (self.video_token_id, "pixel_values_videos", "video_grid_thw")):
             if pixels not in inputs:
                 continue
-            features = self.visual(inputs[pixels].to(embeds.device), inputs[grid])
+            features = self.features(self.visual, inputs[pixels].to(embeds.device), inputs[grid])
             slots = ids == token
             if int(slots.sum()) != features.shape[0]:
                 raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")

@@ -1,0 +1,119 @@
+"""Reuse across turns: the KV cache of a conversation's beginning and the vision features of its images."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import vlm
+import vlm.tiny
+from vlm.caching import FeatureCache, PrefixPool
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("q"))
+
+
+def _turns(media_dir):
+    first = [{"role": "user", "content": [{"type": "image", "path": f"{media_dir}/coco.jpg"},
+                                          {"type": "text", "text": "What is in the picture?"}]}]
+    return first
+
+
+def _count_prefill(pipe, monkeypatch):
+    """Record how many positions each prefill (the first forward of a generation) runs."""
+    runs = []
+    forward = pipe.model.forward
+
+    def counting(embeds, positions, cache, valid):
+        if embeds.shape[1] > 1:
+            runs.append(embeds.shape[1])
+        return forward(embeds, positions, cache, valid)
+
+    monkeypatch.setattr(pipe.model, "forward", counting)
+    return runs
+
+
+def test_follow_up_runs_only_its_new_tokens_and_matches_a_fresh_model(tiny_dir, media_dir, monkeypatch):
+    pipe = vlm.load(tiny_dir, dtype="float32")
+    visual_calls = []
+    visual = pipe.model.visual.forward
+    monkeypatch.setattr(pipe.model.visual, "forward", lambda *a: visual_calls.append(1) or visual(*a))
+    runs = _count_prefill(pipe, monkeypatch)
+    first = _turns(media_dir)
+    answer = pipe.generate(first, max_new_tokens=8, repetition_penalty=1.0)[0]
+    follow_up = first + [{"role": "assistant", "content": answer.text},
+                         {"role": "user", "content": "And the colours?"}]
+    ours = pipe.generate(follow_up, max_new_tokens=8, repetition_penalty=1.0)[0]
+    prompt_length = pipe.encode(follow_up)["input_ids"].shape[1]
+    assert runs[0] == pipe.encode(first)["input_ids"].shape[1]
+    assert runs[1] < prompt_length // 2  # the image and the first turn came from the cache
+    assert len(visual_calls) == 1  # the image was encoded once
+    fresh = vlm.load(tiny_dir, dtype="float32").generate(follow_up, max_new_tokens=8, repetition_penalty=1.0)[0]
+    assert ours.token_ids == fresh.token_ids
+
+
+def test_a_different_image_is_not_reused(tiny_dir, media_dir, monkeypatch):
+    pipe = vlm.load(tiny_dir, dtype="float32")
+    runs = _count_prefill(pipe, monkeypatch)
+    ask = lambda image: [{"role": "user", "content": [{"type": "image", "path": f"{media_dir}/{image}"},
+                                                      {"type": "text", "text": "What is it?"}]}]
+    pipe.generate(ask("coco.jpg"), max_new_tokens=2)
+    out = pipe.generate(ask("voc.jpg"), max_new_tokens=4, repetition_penalty=1.0)[0]
+    # coco.jpg and voc.jpg have the same size: same placeholder tokens, different pixels
+    assert pipe.encode(ask("coco.jpg"))["input_ids"].tolist() == pipe.encode(ask("voc.jpg"))["input_ids"].tolist()
+    assert runs[1] < runs[0]  # the system prompt is shared...
+    fresh = vlm.load(tiny_dir, dtype="float32").generate(ask("voc.jpg"), max_new_tokens=4, repetition_penalty=1.0)[0]
+    assert out.token_ids == fresh.token_ids  # ...but the image's positions are recomputed, not reused
+
+
+def test_prefix_pool_keeps_the_longest_match_and_is_bounded():
+    from vlm.layers.attention import KVCache
+
+    pool = PrefixPool(max_entries=2)
+    make = lambda: KVCache(1, 1, 1, 2, 16, torch.float32, "cpu")
+    positions = lambda n: torch.arange(n)[None]
+    embeds = lambda ids: torch.tensor(ids, dtype=torch.float32)[:, None].expand(-1, 3)
+    for ids in ([1, 2, 3], [1, 2, 3, 4, 5], [9, 9]):
+        pool.put(torch.tensor(ids), positions(len(ids)), embeds(ids), make())
+    query = [1, 2, 3, 4, 7, 8]
+    taken = pool.take(torch.tensor(query), positions(6), embeds(query))
+    assert taken is not None and taken[1] == 4 and taken[0].capacity == 16
+    assert pool.take(torch.tensor([1, 2, 3]), positions(3), embeds([1, 2, 3])) is None  # evicted, or taken
+    assert pool.take(torch.tensor([9, 9, 1]), positions(3) + 1, embeds([9, 9, 1])) is None  # other positions
+    pool.put(torch.tensor([5, 6]), positions(2), embeds([5, 6]), make())
+    assert pool.take(torch.tensor([5, 6, 7]), positions(3), embeds([0, 6, 7])) is None  # other embeddings
+
+
+def test_feature_cache_hits_by_content_and_stays_bounded():
+    calls = []
+    encode = lambda x: calls.append(1) or x * 2
+    cache = FeatureCache(max_bytes=3 * 4 * 100)
+    a = torch.ones(100)
+    assert torch.equal(cache(encode, a), a * 2) and torch.equal(cache(encode, a.clone()), a * 2)
+    assert len(calls) == 1
+    cache(encode, torch.zeros(100))
+    for i in range(5):
+        cache(encode, torch.full((100,), float(i + 2)))
+    cache(encode, a)
+    assert len(calls) == 8  # `a` was evicted by newer entries and encoded again
+
+
+def test_concurrent_conversations_each_get_their_own_cache(tiny_dir):
+    pipe = vlm.load(tiny_dir, dtype="float32")
+    convs = [[{"role": "user", "content": f"Story number {i}"}] for i in range(4)]
+    expected = [pipe.generate(c, max_new_tokens=6, repetition_penalty=1.0)[0].token_ids for c in convs]
+    results = {}
+
+    def run(i):
+        results[i] = pipe.generate(convs[i], max_new_tokens=6, repetition_penalty=1.0)[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == expected
