@@ -41,6 +41,23 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+def read_processor_configs(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(image, video, top-level) processor settings, found where transformers looks for them.
+
+    Images: processor_config.json["image_processor"], else preprocessor_config.json. Videos:
+    processor_config.json["video_processor"], else video_preprocessor_config.json, else
+    preprocessor_config.json. Top level: the rest of processor_config.json. Missing files give {}.
+    """
+    def optional(name: str) -> dict[str, Any]:
+        path = Path(directory) / name
+        return read_json(path) if path.is_file() else {}
+
+    top, legacy = optional("processor_config.json"), optional("preprocessor_config.json")
+    image = top.get("image_processor") or legacy
+    video = top.get("video_processor") or optional("video_preprocessor_config.json") or legacy
+    return image, video, top
+
+
 def sub_config(config: dict[str, Any], key: str) -> dict[str, Any]:
     """A nested sub-config (`text_config`, `vision_config`) or, in the flat hub layout, the top level.
 

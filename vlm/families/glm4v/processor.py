@@ -10,7 +10,6 @@ w-in-block), each row (C, temporal_patch_size, patch_size, patch_size) flattened
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
 from ...layers.patches import patchify
 from ...media import VideoInfo, VideoSample, probe_video, read_frames, to_rgb
@@ -81,21 +81,8 @@ class VisionSettings:
     def from_dir(cls, directory: str | os.PathLike) -> "VisionSettings":
         """Read a checkpoint the way transformers does: ``processor_config.json`` (nested, as
         save_pretrained writes it), else ``preprocessor_config.json`` and ``video_preprocessor_config.json``."""
-        d = Path(directory)
-        nested = _read_json(d / "processor_config.json") or {}
-        legacy = _read_json(d / "preprocessor_config.json") or {}
-        image = nested.get("image_processor") or legacy
-        video = nested.get("video_processor") or _read_json(d / "video_preprocessor_config.json") or legacy
+        image, video, _ = read_processor_configs(Path(directory))
         return cls(PatchSettings.from_dict(image), PatchSettings.from_dict(video, **VIDEO_DEFAULTS))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint.") from e
 
 
 def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int = 2, factor: int = 28,

@@ -9,7 +9,6 @@ one tile. Videos follow ``LlavaOnevisionVideoProcessor``: uint8 bicubic antialia
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
 from ...media import to_rgb
 from .anyres import Size, anyres_shape, best_resolution, max_tiles
@@ -77,11 +77,7 @@ class ProcessorSettings:
         ``processor_config.json["video_processor"]``, else ``video_preprocessor_config.json``, else
         ``preprocessor_config.json``. Placeholder settings: the top level of ``processor_config.json``.
         """
-        d = Path(directory)
-        top = _read_json(d / "processor_config.json") or {}
-        legacy = _read_json(d / "preprocessor_config.json") or {}
-        image = top.get("image_processor") or legacy
-        video = top.get("video_processor") or _read_json(d / "video_preprocessor_config.json") or legacy
+        image, video, top = read_processor_configs(Path(directory))
         return cls(PixelSettings.from_dict(image), PixelSettings.from_dict(video), top.get("num_image_tokens"),
                    top.get("vision_feature_select_strategy"), top.get("vision_aspect_ratio") or "anyres_max_9")
 
@@ -103,15 +99,6 @@ class ProcessorSettings:
         """Placeholders for a video of `frames` frames: 2x2-pooled patches per frame, then one newline."""
         pooled = math.ceil(math.isqrt(self.num_image_tokens or grid * grid) / 2)
         return frames * pooled * pooled + 1
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint.") from e
 
 
 # ------------------------------------------------------------------------------------------- images

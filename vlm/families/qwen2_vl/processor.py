@@ -10,7 +10,6 @@ w-in-block) with the 2x2 (merge_size^2) patches of one merged token adjacent; ea
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
 from ...layers.patches import patchify
 from ...media import VideoSample, probe_video, read_frames, sample_frames_bounded, to_rgb
@@ -94,24 +94,8 @@ class VisionSettings(_PatchSettings):
         Videos: ``processor_config.json["video_processor"]``, else ``video_preprocessor_config.json``,
         else ``preprocessor_config.json``. Missing files give the reference defaults.
         """
-        d = Path(directory)
-        nested = _read_json(d / "processor_config.json") or {}
-        legacy = _read_json(d / "preprocessor_config.json")
-        image = nested["image_processor"] if "image_processor" in nested else legacy or {}
-        if "video_processor" in nested:
-            video = nested["video_processor"]
-        else:
-            video = _read_json(d / "video_preprocessor_config.json") or legacy or {}
+        image, video, _ = read_processor_configs(Path(directory))
         return cls.from_dict(image, video=VideoSettings.from_dict(video))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint.") from e
 
 
 def smart_resize(
