@@ -15,6 +15,7 @@ import math
 import os
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -83,7 +84,10 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     elif isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         _check_local_file(name, "image")
-        fp = open(name, "rb")
+        try:
+            fp = open(name, "rb")
+        except OSError as e:
+            raise MediaError(f"The image file {name} cannot be read: {e}") from None
     else:
         raise InputError(f"An image must be a PIL image, a path or bytes, not {type(src).__name__}.")
     with fp:
@@ -134,12 +138,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _check_local_file(path: str, kind: str) -> None:
     """Raise MediaError unless ``path`` is an existing regular file, EmptyFileError if it is empty."""
-    if not os.path.exists(path):
-        raise MediaError(f"The {kind} file {path} does not exist.")
-    if not os.path.isfile(path):  # directories, FIFOs and devices could block or mislead decoders
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(f"The {kind} file {path} does not exist.") from None
+    except (OSError, ValueError) as e:  # permissions, a NUL byte or an over-long name
+        raise MediaError(f"The {kind} file {path!r} cannot be read: {e}") from None
+    if not stat.S_ISREG(info.st_mode):  # directories, FIFOs and devices could block or mislead decoders
         raise MediaError(f"{path} is not a regular file; give the path of a {kind} file.")
-    if os.path.getsize(path) == 0:
+    if info.st_size == 0:
         raise EmptyFileError(f"The {kind} file {path} is empty (0 bytes); upload it again.")
+
+
+def _video_path(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"A video must be given as a file path, not {type(path).__name__}.")
+    return os.fspath(path)
 
 
 # ----------------------------------------------------------------------------------------- video
@@ -189,13 +203,14 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
     only), else from duration * fps. Results are cached per file version.
     """
     limits = limits or _limits
-    name = os.fspath(path)
+    name = _video_path(path)
     _check_local_file(name, "video")
-    stat = os.stat(name)
-    if stat.st_size > limits.max_video_bytes:
-        raise VideoDecodeError(f"{name} is {_megabytes(stat.st_size)}; videos up to "
+    version = os.stat(name)
+    if version.st_size > limits.max_video_bytes:
+        raise VideoDecodeError(f"{name} is {_megabytes(version.st_size)}; videos up to "
                                f"{_megabytes(limits.max_video_bytes)} are accepted.")
-    info = _probe(name, stat.st_ino, stat.st_size, stat.st_mtime_ns, limits.max_video_frames, limits.decode_seconds)
+    info = _probe(name, version.st_ino, version.st_size, version.st_mtime_ns, limits.max_video_frames,
+                  limits.decode_seconds)
     if info.duration > limits.max_video_seconds:
         raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
                                "are accepted. Trim it and try again.")
@@ -226,9 +241,9 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLi
     stream), a crash, a timeout or too little memory raises VideoDecodeError.
     """
     limits = limits or _limits
-    name = os.fspath(path)
+    name = _video_path(path)
     wanted = [int(i) for i in indices]
-    if not wanted or min(wanted) < 0:
+    if not wanted or min(wanted) < 0 or max(wanted) >= limits.max_video_frames:
         raise InputError(f"Frame indices must be a non-empty list of non-negative ints, got {indices!r}.")
     info = probe_video(name, limits)
     frame_bytes = info.width * info.height * 3

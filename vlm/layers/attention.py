@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotate_half
 
 
 class KVCache:
@@ -107,3 +107,26 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
     for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
         outs.append(F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)))
     return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+class VisionAttention(nn.Module):
+    """ViT self-attention with packed q/k/v, 2-D rotary (in float32) and attention per segment."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """x (N, dim), cos/sin (N, head_dim), lengths: segment sizes summing to N."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # each (N, H, D)
+        q, k = _rotate_float(q, cos, sin), _rotate_float(k, cos, sin)
+        return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
+
+
+def _rotate_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary computed in float32: x (N, H, D), cos/sin (N, D)."""
+    xf = x.float()
+    return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)

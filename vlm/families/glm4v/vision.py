@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...layers.attention import segment_attention
+from ...layers.attention import VisionAttention
 from ...layers.mlp import GatedMLP, activation
 from ...layers.norms import RMSNorm
 from ...layers.patches import patch_rows_cols
-from ...layers.rotary import VisionRotary2D, rotate_half
+from ...layers.rotary import VisionRotary2D
 
 
 @dataclass
@@ -75,32 +75,12 @@ class PositionEmbedding(nn.Module):
         return out[0, :, :, 0].T.to(weight.dtype)
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # each (N, H, D)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotary in float32: x (N, H, D), cos/sin (N, D)."""
-    xf = x.float()
-    return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
-
-
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads, qkv_bias=cfg.attention_bias, proj_bias=False)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size, cfg.hidden_act)
 
     def forward(self, x, cos, sin, lengths):

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...layers.attention import segment_attention
+from ...layers.attention import VisionAttention
 from ...layers.mlp import MLP
 from ...layers.patches import patch_rows_cols
-from ...layers.rotary import VisionRotary2D, rotate_half
+from ...layers.rotary import VisionRotary2D
 
 
 @dataclass
@@ -53,27 +53,6 @@ class PatchEmbed(nn.Module):
         """patches (N, C * tp * p * p) -> (N, embed_dim)."""
         weight = self.proj.weight
         return F.linear(patches.to(weight.dtype), weight.flatten(1))
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # each (N, H, D)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Vision rotary in float32: x (N, H, D), cos/sin (N, D)."""
-    xf = x.float()
-    cos, sin = cos[:, None], sin[:, None]
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 class VisionBlock(nn.Module):
