@@ -2,36 +2,25 @@
 
 Family-agnostic. Pixel conventions follow transformers (the reference): images become RGB with any
 transparency composited on white, video frames are PyAV ``to_ndarray(format="rgb24")`` in decode order.
-Untrusted input is bounded by `MediaLimits` before anything is decoded, and videos are probed and
-decoded in a child process (vlm/safe_decode.py) with a deadline and a memory cap.
 """
 
 from __future__ import annotations
 
-import functools
 import io
-import json
 import math
 import os
-import select
-import signal
-import stat
-import struct
-import subprocess
-import sys
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence, Union
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 
-# Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
+# Largest image (width * height) load_image decodes; larger files are refused before decoding.
 MAX_IMAGE_PIXELS = 64_000_000
 # Pillow format ids we decode ("JPEG" also opens the MPO JPEGs many cameras and phones write).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -40,40 +29,14 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ImageSource = Union[Image.Image, str, os.PathLike, bytes]
 
 
-@dataclass(frozen=True)
-class MediaLimits:
-    """Bounds on untrusted media, checked before decoding (the demo reads them from VLM_* settings)."""
-
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    max_video_bytes: int = 2 * 2**30
-    max_video_seconds: float = 2 * 3600.0
-    max_video_pixels: int = 3840 * 2160  # per frame
-    max_video_frames: int = 216_000  # frames in the file (2 hours at 30 fps)
-    decode_seconds: float = 120.0  # wall-clock limit of one probe or one frame read
-    decode_memory_bytes: int = 2**30  # the decoder's memory beyond the frames it returns
-
-
-_limits = MediaLimits()
-
-
-def configure(limits: MediaLimits) -> None:
-    """Set the process-wide limits used when a call passes none (the demo does this at start)."""
-    global _limits
-    _limits = limits
-
-
-def current_limits() -> MediaLimits:
-    return _limits
-
-
 # ----------------------------------------------------------------------------------------- images
 def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """Open an image (PIL image, path or bytes), apply EXIF orientation and return it as RGB.
 
     Raises EmptyFileError (zero bytes), MediaError (missing path) or ImageDecodeError (unsupported
-    format, corrupt or truncated data, more than ``max_pixels`` pixels; default: the configured limit).
+    format, corrupt or truncated data, more than ``max_pixels`` pixels; default MAX_IMAGE_PIXELS).
     """
-    limit = _limits.max_image_pixels if max_pixels is None else max_pixels
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(src, Image.Image):
         return _decode(src, "The image", limit)
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -84,10 +47,7 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     elif isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         _check_local_file(name, "image")
-        try:
-            fp = open(name, "rb")
-        except OSError as e:
-            raise MediaError(f"The image file {name} cannot be read: {e}") from None
+        fp = open(name, "rb")
     else:
         raise InputError(f"An image must be a PIL image, a path or bytes, not {type(src).__name__}.")
     with fp:
@@ -125,10 +85,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Pillow convert would clip everything above 255 to white.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(image)
-        if image.mode != "I" or arr.max(initial=0) > 255:  # round(x / 257) in integers: 4 bytes a pixel
-            arr = (np.clip(arr, 0, 65535).astype(np.uint32) * 2 + 257) // 514
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        arr = np.asarray(image).astype(np.float64)
+        if image.mode != "I" or arr.max(initial=0) > 255:
+            arr = np.clip(arr, 0, 65535) / 257.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -138,29 +98,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _check_local_file(path: str, kind: str) -> None:
     """Raise MediaError unless ``path`` is an existing regular file, EmptyFileError if it is empty."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise MediaError(f"The {kind} file {path} does not exist.") from None
-    except (OSError, ValueError) as e:  # permissions, a NUL byte or an over-long name
-        raise MediaError(f"The {kind} file {path!r} cannot be read: {e}") from None
-    if not stat.S_ISREG(info.st_mode):  # directories, FIFOs and devices could block or mislead decoders
+    if not os.path.exists(path):
+        raise MediaError(f"The {kind} file {path} does not exist.")
+    if not os.path.isfile(path):  # directories, FIFOs and devices could block or mislead decoders
         raise MediaError(f"{path} is not a regular file; give the path of a {kind} file.")
-    if info.st_size == 0:
+    if os.path.getsize(path) == 0:
         raise EmptyFileError(f"The {kind} file {path} is empty (0 bytes); upload it again.")
-
-
-def _video_path(path: object) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"A video must be given as a file path, not {type(path).__name__}.")
-    return os.fspath(path)
 
 
 # ----------------------------------------------------------------------------------------- video
 @dataclass(frozen=True)
 class VideoInfo:
-    """What probe_video learned about a file's first video stream (width and height as stored, before
-    any display rotation)."""
+    """What probe_video learned about a file's first video stream."""
 
     path: str
     width: int
@@ -169,8 +118,6 @@ class VideoInfo:
     num_frames: int            # exact unless num_frames_source == "estimated"
     duration: float            # seconds
     num_frames_source: str     # "stream" (header), "packets" (counted by demuxing) or "estimated"
-    container: str = ""        # FFmpeg demuxer, e.g. "matroska,webm"
-    codec: str = ""            # FFmpeg decoder, e.g. "h264"
 
 
 @dataclass(frozen=True)
@@ -194,145 +141,104 @@ class VideoSample:
         return len(self.indices) / self.info.num_frames * self.info.fps
 
 
-def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> VideoInfo:
-    """Read a video's container, size, frame rate, frame count and duration without decoding a frame.
-
-    Runs in a decoder child (see vlm.safe_decode) and refuses, with VideoDecodeError, files over the
-    limits (default: those set by `configure`): size in bytes, duration, pixels per frame, frames.
-    The frame count comes from the stream header, else from counting the stream's packets (demuxing
-    only), else from duration * fps. Results are cached per file version.
-    """
-    limits = limits or _limits
-    name = _video_path(path)
+def _open_video(path: str | os.PathLike):
+    """Open a local video file with PyAV, local files only; raises the vlm media errors."""
+    name = os.fspath(path)
     _check_local_file(name, "video")
-    version = os.stat(name)
-    if version.st_size > limits.max_video_bytes:
-        raise VideoDecodeError(f"{name} is {_megabytes(version.st_size)}; videos up to "
-                               f"{_megabytes(limits.max_video_bytes)} are accepted.")
-    info = _probe(name, version.st_ino, version.st_size, version.st_mtime_ns, limits.max_video_frames,
-                  limits.decode_seconds)
-    if info.duration > limits.max_video_seconds:
-        raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
-                               "are accepted. Trim it and try again.")
-    if info.width * info.height > limits.max_video_pixels:
-        raise VideoDecodeError(f"{name} is {info.width}x{info.height}; frames up to {limits.max_video_pixels:,} pixels "
-                               "are accepted (e.g. 3840x2160). Downscale it and try again.")
-    if info.num_frames > limits.max_video_frames:
-        raise VideoDecodeError(f"{name} has {'more than ' if info.num_frames_source == 'packets' else ''}"
-                               f"{min(info.num_frames, limits.max_video_frames):,} frames; videos up to "
-                               f"{limits.max_video_frames:,} frames are accepted.")
-    return info
+    try:
+        container = av.open(
+            name, options={"protocol_whitelist": "file"}, metadata_errors="replace"
+        )
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(f"{name} cannot be opened as a video: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError(f"{name} has no video stream.")
+    return container
 
 
-@functools.lru_cache(maxsize=256)
-def _probe(name: str, inode: int, size: int, mtime_ns: int, max_frames: int, timeout: float) -> VideoInfo:
-    """probe_video's child call, cached per file version (inode, size, mtime) and limits."""
-    header, _ = _run_decoder({"op": "probe", "path": name, "max_frames": max_frames}, name, timeout)
-    return VideoInfo(**header["info"])
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's size, frame rate, frame count and duration without decoding any frame.
+
+    The frame count comes from the stream header, else from counting the stream's packets (demuxing
+    only), else from duration * fps. The duration comes from the stream, else its DURATION tag, else
+    the container, else num_frames / fps.
+    """
+    name = os.fspath(path)
+    container = _open_video(name)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        duration = _stream_duration(stream, container)
+        num_frames, source = int(stream.frames or 0), "stream"
+        if num_frames <= 0:
+            try:
+                num_frames = sum(1 for p in container.demux(stream) if p.size)
+                source = "packets"
+            except (av.FFmpegError, OSError, ValueError):
+                num_frames = 0
+            if num_frames <= 0 and duration and fps:
+                num_frames, source = max(1, round(duration * fps)), "estimated"
+        if num_frames <= 0:
+            raise VideoDecodeError(f"{name} has a video stream without any frame.")
+        if not duration:
+            duration = num_frames / fps if fps else 0.0
+        return VideoInfo(name, stream.width, stream.height, fps, num_frames, float(duration), source)
+    finally:
+        container.close()
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLimits | None = None) -> np.ndarray:
+def _stream_duration(stream, container) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    if tag:
+        try:  # Matroska: "HH:MM:SS.nnnnnnnnn"
+            h, m, s = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+        except ValueError:
+            pass
+    if container.duration:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    return None
+
+
+def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
     """Decode the frames at ``indices`` (decode order, like transformers' PyAV loader) as uint8 RGB.
 
-    Returns (len(indices), H, W, 3), in the order given. The file is probed first (limits apply);
-    decoding runs in a child process with a deadline and a memory cap, stops at the last requested
-    frame and keeps only requested frames. Frames are turned upright by the stream's display rotation
-    (the reference ignores it). A frame that cannot be decoded (corrupt data, index past the end of the
-    stream), a crash, a timeout or too little memory raises VideoDecodeError.
+    Returns (len(indices), H, W, 3), in the order given. Decoding stops at the last requested frame
+    and only requested frames are kept. Any requested frame that cannot be decoded (corrupt data,
+    index past the end of the stream) raises VideoDecodeError.
     """
-    limits = limits or _limits
-    name = _video_path(path)
-    wanted = [int(i) for i in indices]
-    if not wanted or min(wanted) < 0 or max(wanted) >= limits.max_video_frames:
+    name = os.fspath(path)
+    wanted = {int(i) for i in indices}
+    if not wanted or min(wanted) < 0:
         raise InputError(f"Frame indices must be a non-empty list of non-negative ints, got {indices!r}.")
-    info = probe_video(name, limits)
-    frame_bytes = info.width * info.height * 3
-    request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels,
-               "memory": len(wanted) * frame_bytes + limits.decode_memory_bytes,
-               "cpu_seconds": math.ceil(limits.decode_seconds * (os.cpu_count() or 1)) + 5}
-    header, payload = _run_decoder(request, name, limits.decode_seconds, len(wanted) * limits.max_video_pixels * 3)
-    shape = tuple(header["shape"])
-    return np.frombuffer(payload, np.uint8).reshape(shape)
-
-
-# --------------------------------------------------------------------------------- decoder child
-SAFE_DECODE = Path(__file__).with_name("safe_decode.py")
-_CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-_HEADER_BYTES = 1 << 20
-
-
-def decoder_command() -> list[str]:
-    """The decoder child's command line (isolated mode: no user site, no current directory on the path)."""
-    return [sys.executable, "-I", str(SAFE_DECODE)]
-
-
-def _run_decoder(request: dict, name: str, timeout: float, max_payload: int = 0) -> tuple[dict, bytearray]:
-    """Answer `request` in a fresh decoder child within `timeout` seconds; (header, payload bytes).
-
-    The child's refusals become VideoDecodeError (InputError for bad arguments); so do a crash, a
-    deadline passed, an early exit or a reply larger than `max_payload`.
-    """
-    deadline = time.monotonic() + timeout
-    child = subprocess.Popen(decoder_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, bufsize=0, env={**os.environ, **_CHILD_ENV})
+    last = max(wanted)
+    frames: dict[int, np.ndarray] = {}
+    decoded = 0
+    container = _open_video(name)
     try:
-        try:
-            child.stdin.write(json.dumps(request).encode())
-            child.stdin.close()
-            (size,) = struct.unpack("<Q", _read_exact(child.stdout, 8, deadline))
-            if size > _HEADER_BYTES:
-                raise EOFError
-            header = json.loads(_read_exact(child.stdout, size, deadline))
-            payload = bytearray()
-            if header.get("ok") and "shape" in header:
-                expected = math.prod(header["shape"])
-                if len(header["shape"]) != 4 or header["shape"][0] != len(request["indices"]) or expected > max_payload:
-                    raise EOFError
-                payload = _read_exact(child.stdout, expected, deadline)
-        except TimeoutError:
-            raise VideoDecodeError(f"{name}: decoding took longer than {timeout:g} s; the file may be damaged "
-                                   "or too long. Try a shorter clip.") from None
-        except (EOFError, OSError, ValueError):
-            if child.poll() is None:
-                child.kill()
-            code = child.wait()
-            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            raise VideoDecodeError(f"{name}: the video decoder stopped ({why}); the file is probably damaged or "
-                                   "needs more memory than this server allows.") from None
+        container.seek(0)
+        for i, frame in enumerate(container.decode(video=0)):
+            decoded = i + 1
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(
+            f"{name} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}"
+        ) from e
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        child.stdout.close()
-    if not header.get("ok"):
-        error = InputError if header.get("kind") == "input" else VideoDecodeError
-        raise error(header.get("message") or f"{name} cannot be decoded.")
-    return header, payload
-
-
-def _read_exact(pipe, size: int, deadline: float) -> bytearray:
-    """`size` bytes from a raw pipe before `deadline` (TimeoutError), EOFError if it closes first."""
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
-            raise TimeoutError
-        count = pipe.readinto(view[got:])
-        if not count:
-            raise EOFError
-        got += count
-    return buffer
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:,.1f} MB"
-
-
-def _clock(seconds: float) -> str:
-    """3725.5 -> "1:02:05"."""
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        container.close()
+    if len(frames) < len(wanted):
+        raise VideoDecodeError(
+            f"{name} ended after {decoded} frame(s); frame {last} was requested. "
+            "The file may be truncated."
+        )
+    return np.stack([frames[int(i)] for i in indices])
 
 
 # -------------------------------------------------------------------------------- frame sampling
