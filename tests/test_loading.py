@@ -191,3 +191,18 @@ def test_pytorch_bin_weights_load_like_safetensors(copy, media_dir):
     (copy / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(errors.CheckpointError, match="pytorch_model.bin"):
         vlm.load(copy, dtype="float32")
+
+
+def test_answers_stop_at_the_end_of_the_context(pipe):
+    per_word = pipe.encode([{"role": "user", "content": "cat " * 101}])["input_ids"].shape[1] - \
+        pipe.encode([{"role": "user", "content": "cat " * 100}])["input_ids"].shape[1]
+    conv = [{"role": "user", "content": "cat " * ((pipe.max_context - 80) // per_word)}]
+    length = pipe.encode(conv)["input_ids"].shape[1]
+    room = pipe.max_context - length
+    assert 0 < room < 100
+    stops, pipe.stop_ids = pipe.stop_ids, set()
+    try:
+        out = pipe.generate(conv, max_new_tokens=500)[0]
+    finally:
+        pipe.stop_ids = stops
+    assert len(out.token_ids) == room and out.finish_reason == "length"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -67,7 +68,7 @@ class ChatPipeline:
                  **options: Any) -> list[GenerationOutput]:
         """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
         sampling, media, reasoning = self._split(options)
-        inputs = self._prepare(conversations, sampling, media, reasoning)
+        inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
         batch = inputs["input_ids"].shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -91,7 +92,7 @@ class ChatPipeline:
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        inputs = self._prepare(conversation, sampling, media, reasoning)
+        inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
         cancel = cancel or threading.Event()
         opened = self._opened(inputs)
 
@@ -130,14 +131,16 @@ class ChatPipeline:
         return self.defaults.override(**options), {k: v for k, v in media.items() if v is not None}, reasoning
 
     def _prepare(self, conversations: Any, sampling: Sampling, media: dict[str, Any],
-                 reasoning: dict[str, Any]) -> dict[str, Any]:
+                 reasoning: dict[str, Any]) -> tuple[dict[str, Any], Sampling]:
+        """Encoded inputs on the device, and `sampling` with the token budget cut to what the context holds."""
         inputs = self.encode(conversations, enable_thinking=reasoning.get("enable_thinking"), **media)
         length = inputs["input_ids"].shape[1]
         if length + 1 > self.max_context:
             raise ContextLengthError(
                 f"The prompt has {length} tokens; this model's context holds {self.max_context}. "
                 "Shorten the conversation, use fewer or smaller images, or fewer video frames.")
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_context - length))
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, sampling
 
     def _output(self, ids: list[int], stopped: bool, cancelled: bool, thinking: bool) -> GenerationOutput:
         text = self.decoder.decode(ids[:-1] if stopped else ids)
