@@ -117,3 +117,12 @@ def test_concurrent_conversations_each_get_their_own_cache(tiny_dir):
     for t in threads:
         t.join()
     assert [results[i] for i in range(4)] == expected
+
+
+def test_clear_caches_forgets_kv_and_features(tiny_dir, media_dir, monkeypatch):
+    pipe = vlm.load(tiny_dir, dtype="float32")
+    runs = _count_prefill(pipe, monkeypatch)
+    pipe.generate(_turns(media_dir), max_new_tokens=2)
+    pipe.clear_caches()
+    pipe.generate(_turns(media_dir), max_new_tokens=2)
+    assert runs[0] == runs[1]

@@ -44,6 +44,12 @@ class FeatureCache:
         return features
 
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
 def _content_key(encode: Callable, inputs: tuple) -> str:
     digest = hashlib.blake2b(getattr(encode, "__qualname__", repr(encode)).encode(), digest_size=20)
     for item in inputs:

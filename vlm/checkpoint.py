@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 import struct
 import time
 from functools import lru_cache
@@ -124,6 +125,25 @@ def _faster_cpu_dtype() -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------- weights
 
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+          "trunc_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def empty_weights():
+    """Build modules on the meta device without running their initialisers (the weights come from
+    the checkpoint, so initialising them is wasted work)."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name, init in saved.items():  # other threads building real tensors still get initialised
+        setattr(nn.init, name, lambda tensor, *a, _init=init, **k: tensor if tensor.is_meta else _init(tensor, *a, **k))
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 
 def weight_files(directory: Path) -> list[Path]:
     """Weight files of a checkpoint: safetensors (an index's shards, else every *.safetensors), else
@@ -154,11 +174,25 @@ def _tensor_entries(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is not a readable PyTorch weights file: {exc}") from exc
 
 
-def _read_tensor(file: Path, key: str, entry: Any, dtype: torch.dtype | None, buffers: dict) -> torch.Tensor:
-    if isinstance(entry, torch.Tensor):
-        cast = dtype is not None and entry.is_floating_point() and dtype.is_floating_point
-        return entry.to(dtype) if cast else entry.clone()
-    return read_safetensors_tensor(file, key, entry, dtype, buffers)
+class _WeightReader:
+    """Reads tensors for `load_weights`. A tensor stored in the target dtype is memory-mapped (nothing is
+    read until it is used, and the pages stay evictable file cache); one that needs a cast is read and
+    cast chunk by chunk through reused buffers."""
+
+    def __init__(self):
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def read(self, file: Path, key: str, entry: Any, dtype: torch.dtype | None) -> torch.Tensor:
+        if isinstance(entry, torch.Tensor):  # from a memory-mapped pytorch_model.bin
+            cast = dtype is not None and entry.is_floating_point() and dtype.is_floating_point
+            return entry.to(dtype) if cast else entry
+        stored = SAFETENSORS_DTYPES[entry["dtype"]]
+        if dtype is not None and dtype != stored and stored.is_floating_point and dtype.is_floating_point:
+            return read_safetensors_tensor(file, key, entry, dtype, self.buffers)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(key)
 
 
 def load_weights(
@@ -173,8 +207,8 @@ def load_weights(
 
     `rename` maps a checkpoint name to the model's name (None drops the tensor on purpose).
     `tied` maps a parameter absent from the file to the one it shares storage with.
-    Names are checked against the headers before any data is read; then each tensor is read with
-    plain file reads (no mmap) and cast on its own, so peak memory stays near the weights' size.
+    Names are checked against the headers before any data is read; tensors are then memory-mapped, or
+    read and cast one at a time, so peak memory stays at most near the weights' size.
     """
     expected = dict(_named_tensors(model))
     entries = [(file, key, rename(key), info) for file in weight_files(directory)
@@ -188,10 +222,10 @@ def load_weights(
     missing = sorted(n for n in set(expected) - present if not (tied and tied.get(n) in present))
     if missing:
         raise MissingTensorError(f"{directory} lacks {len(missing)} tensors: {', '.join(missing[:20])}")
-    buffers: dict[torch.dtype, torch.Tensor] = {}
+    reader = _WeightReader()
     for file, key, name, info in entries:
         target = expected[name]
-        tensor = _read_tensor(file, key, info, dtype if target.is_floating_point() else None, buffers)
+        tensor = reader.read(file, key, info, dtype if target.is_floating_point() else None)
         _assign(model, name, tensor, target, device)
     for target, source in (tied or {}).items():
         if target in expected and target not in present:

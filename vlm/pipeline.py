@@ -112,6 +112,13 @@ class ChatPipeline:
 
         yield from run_in_thread(produce, cancel)
 
+    def clear_caches(self) -> None:
+        """Forget reusable KV caches and vision features (memory pressure, or to time a cold request)."""
+        self.prefixes.clear()
+        features = getattr(self.model, "features", None)
+        if features is not None:
+            features.clear()
+
     def chat(self, conversation: Any, **options: Any) -> str:
         """The whole answer to one conversation as a string."""
         return self.generate(conversation, **options)[0].text

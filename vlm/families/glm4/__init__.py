@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint import load_weights, prefix_renamer, read_generation_config, sub_config
+from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
 from ...layers.decoder import DecoderConfig
 from ...pipeline import ChatPipeline, pad_id
 from ...reasoning import ThinkingFormat
@@ -28,7 +28,7 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     cfg = DecoderConfig.from_dict(text)
     tokenizer = Tokenizer(directory)
     generation = read_generation_config(directory)
-    with torch.device("meta"):
+    with empty_weights():
         model = Glm4(cfg, bool(text.get("attention_bias", True)))
     load_weights(model, directory, prefix_renamer([]), dtype, device, tied=TIED if cfg.tie_word_embeddings else None)
     model.eval()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ...boxes import MARKUP
-from ...checkpoint import load_weights, prefix_renamer, read_generation_config, sub_config
+from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
 from ...errors import CheckpointError
 from ...layers.decoder import DecoderConfig
 from ...pipeline import ChatPipeline, pad_id
@@ -39,7 +39,7 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
                    begin_image=_token(config, "image_start_token_id", tokenizer, "<|begin_of_image|>"),
                    end_image=_token(config, "image_end_token_id", tokenizer, "<|end_of_image|>"),
                    pad=pad_id(generation, tokenizer))
-    with torch.device("meta"):
+    with empty_weights():
         model = Glm4v(text, vision, ids.image)
     load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device,
                  tied=TIED if text.tie_word_embeddings else None)

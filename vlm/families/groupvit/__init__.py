@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ...checkpoint import load_weights
+from ...checkpoint import empty_weights, load_weights
 from ...errors import CheckpointError
 from .model import GroupViT, GroupViTConfig, hub_to_module
 from .pipeline import DEFAULT_TEMPLATES, DEFAULT_THRESHOLD, GroupViTPipeline
@@ -25,7 +25,7 @@ def load(directory: Path, config: dict, device: torch.device, dtype: torch.dtype
     if processor.crop_size != cfg.vision.image_size or processor.shortest_edge < max(processor.crop_size):
         raise CheckpointError(f"{directory}: the preprocessor (shortest edge {processor.shortest_edge}, crop "
                               f"{processor.crop_size}) does not fit the model's {cfg.vision.image_size} input.")
-    with torch.device("meta"):
+    with empty_weights():
         model = GroupViT(cfg)
     load_weights(model, directory, hub_to_module, dtype, device)
     tokenizer = ClipTokenizer.from_directory(directory, max_length=cfg.text.max_positions)

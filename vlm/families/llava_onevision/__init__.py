@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint import load_weights, read_generation_config
+from ...checkpoint import empty_weights, load_weights, read_generation_config
 from ...pipeline import ChatPipeline, pad_id
 from ...tokenizer import Tokenizer
 from .inputs import LlavaOnevisionInputs, TokenIds
@@ -23,7 +23,7 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     cfg = LlavaOnevisionConfig.from_dict(config)
     tokenizer = Tokenizer(directory)
     generation = read_generation_config(directory)
-    with torch.device("meta"):
+    with empty_weights():
         model = LlavaOnevision(cfg)
     load_weights(model, directory, rename, dtype, device, tied=TIED)
     model.eval()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ...boxes import MARKUP
-from ...checkpoint import load_weights, prefix_renamer, read_generation_config, sub_config
+from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
 from ...layers.decoder import DecoderConfig
 from ...pipeline import ChatPipeline, pad_id
 from ...tokenizer import Tokenizer
@@ -33,7 +33,7 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
         video=config.get("video_token_id") or tokenizer.token_id("<|video_pad|>"),
         pad=pad_id(generation, tokenizer),
     )
-    with torch.device("meta"):
+    with empty_weights():
         model = Qwen2VL(text, vision, ids.image, ids.video)
     load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device, tied=TIED)
     model.eval()
