@@ -15,16 +15,22 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
          revision: str | None = None):
     """Load a checkpoint (local directory or hub repo id); the family is read from its config.json.
 
-    Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT).
+    Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT). `quantization="int8"`
+    stores the language model's linear weights as int8 (weight-only, per channel): about half the
+    memory traffic per decoded token.
     """
     from .checkpoint import read_config, resolve_device, resolve_dtype
     from .families import detect_family
     from .hub import resolve
+    from .quantize import check_method, quantize
 
-    if quantization is not None:
-        raise errors.InputError(f"quantization={quantization!r} is not supported yet; use None.")
+    check_method(quantization)
     directory = resolve(model, revision)
     config = read_config(directory)
     family = detect_family(config)
     torch_device = resolve_device(device)
-    return family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
+    pipe = family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
+    if quantization is not None:
+        quantize(pipe.model, quantization)
+        pipe.clear_caches()
+    return pipe

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/vlm-bench"), help="checkpoints are kept here")
     parser.add_argument("--out", default="bench_results", help="where results.md and results.json go")
     parser.add_argument("--skip-reference", action="store_true", help="measure this project only")
+    parser.add_argument("--quantization", choices=["int8"], help="quantize this project's language model")
     args = parser.parse_args()
 
     cache, out = Path(args.cache), Path(args.out)
@@ -41,11 +42,13 @@ def main() -> None:
         checkpoint = build_checkpoint(name, cache, args.dtype)
         common = [str(checkpoint), "--image", str(image), "--video", str(video), "--dtype", args.dtype,
                   "--threads", str(args.threads)]
-        ours = _run([sys.executable, "-m", "vlm.bench.worker", *common])
+        quantized = ["--quantization", args.quantization] if args.quantization else []
+        ours = _run([sys.executable, "-m", "vlm.bench.worker", *common, *quantized])
         ref = None if args.skip_reference else _run(
             [sys.executable, str(ROOT / "bench" / "reference_worker.py"), *common, "--family", MODELS[name].family])
         rows.append(_row(name, checkpoint, ours, ref, bandwidth))
-    report = {"machine": _machine(args.threads), "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9,
+    report = {"machine": _machine(args.threads), "dtype": args.dtype, "quantization": args.quantization,
+              "bandwidth_gb_s": bandwidth / 1e9,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)
@@ -90,7 +93,8 @@ def _row(name, checkpoint, ours, ref, bandwidth) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; dtype {report['dtype']}; measured read bandwidth "
+    quantized = f" (this project: {report['quantization']} weights)" if report["quantization"] else ""
+    lines = [f"Machine: {report['machine']}; dtype {report['dtype']}{quantized}; measured read bandwidth "
              f"{report['bandwidth_gb_s']:.1f} GB/s; {report['date']}.", "",
              "| model | metric | ours | reference | ours vs reference |", "|---|---|---|---|---|"]
     for row in report["rows"]:

@@ -16,6 +16,7 @@ def main() -> None:
     parser.add_argument("--video", required=True)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--quantization")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -25,7 +26,8 @@ def main() -> None:
 
     detect_family(read_config(args.checkpoint)).module  # imports happen before the clock starts, as for the reference
     before = s.reset_peak_rss()
-    load_s, pipe = s.timed(lambda: vlm.load(args.checkpoint, device="cpu", dtype=args.dtype))
+    load_s, pipe = s.timed(lambda: vlm.load(args.checkpoint, device="cpu", dtype=args.dtype,
+                                                   quantization=args.quantization))
     load_peak = s.peak_rss() - before
     greedy = dict(do_sample=False, repetition_penalty=1.0)
     image = s.image_turn(args.image)

@@ -103,6 +103,7 @@ class GlmDecoder(Decoder):
 
 class Glm4(nn.Module):
     """GLM-4 causal LM; module names are the hub's (`model.*`, `lm_head`)."""
+    language_modules = ("model.", "lm_head")  # what quantization applies to
 
     def __init__(self, cfg: DecoderConfig, attention_bias: bool = True):
         super().__init__()

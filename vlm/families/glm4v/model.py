@@ -28,6 +28,8 @@ TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
 
 class Glm4v(nn.Module):
+    language_modules = ("model.language_model.", "lm_head")  # what quantization applies to
+
     def __init__(self, text: DecoderConfig, vision: VisionConfig, image_token_id: int):
         super().__init__()
         section = text.rope.get("mrope_section") or [8, 12, 12]

@@ -120,6 +120,8 @@ class VisionTower(nn.Module):
 
 
 class LlavaOnevision(nn.Module):
+    language_modules = ("language_model.",)  # what quantization applies to
+
     def __init__(self, cfg: LlavaOnevisionConfig):
         super().__init__()
         self.cfg = cfg

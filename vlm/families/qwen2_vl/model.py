@@ -23,6 +23,8 @@ TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
 class Qwen2VL(nn.Module):
+    language_modules = ("model.", "lm_head")  # what quantization applies to
+
     def __init__(self, text: DecoderConfig, vision: VisionConfig, image_token_id: int, video_token_id: int):
         super().__init__()
         section = text.rope.get("mrope_section") or [16, 24, 24]
