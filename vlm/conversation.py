@@ -40,7 +40,9 @@ def normalize(conversation: Any) -> list[dict[str, Any]]:
         content = message.get("content")
         if content is None:
             content = ""
-        if not isinstance(content, str):
+        if isinstance(content, str):
+            content = _clean_text(content)
+        else:
             if not isinstance(content, (list, tuple)):
                 raise InputError(f"Message {i}: content must be a string or a list of parts.")
             content = [_normalize_part(part, i) for part in content]
@@ -78,6 +80,16 @@ def _normalize_part(part: Any, index: int) -> dict[str, Any]:
 def _clean_text(text: str) -> str:
     """Replace lone surrogates (invalid UTF-8) so the tokenizer never sees them."""
     return text.encode("utf-8", "replace").decode("utf-8") if any("\ud800" <= c <= "\udfff" for c in text) else text
+
+
+def drop_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation without its oldest exchange (the first user message and what follows it up to
+    the next user message); system messages stay. None when only one user message is left."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if len(users) < 2:
+        return None
+    first, second = users[0], users[1]
+    return messages[:first] + [m for m in messages[first:second] if m.get("role") == "system"] + messages[second:]
 
 
 def _has_input(message: dict[str, Any]) -> bool:

@@ -2,25 +2,36 @@
 
 Family-agnostic. Pixel conventions follow transformers (the reference): images become RGB with any
 transparency composited on white, video frames are PyAV ``to_ndarray(format="rgb24")`` in decode order.
+Untrusted input is bounded by `MediaLimits` before anything is decoded, and videos are probed and
+decoded in a child process (vlm/safe_decode.py) with a deadline and a memory cap.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import math
 import os
+import select
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence, Union
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 
-# Largest image (width * height) load_image decodes; larger files are refused before decoding.
+# Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
 MAX_IMAGE_PIXELS = 64_000_000
 # Pillow format ids we decode ("JPEG" also opens the MPO JPEGs many cameras and phones write).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -29,14 +40,40 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ImageSource = Union[Image.Image, str, os.PathLike, bytes]
 
 
+@dataclass(frozen=True)
+class MediaLimits:
+    """Bounds on untrusted media, checked before decoding (the demo reads them from VLM_* settings)."""
+
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_video_bytes: int = 2 * 2**30
+    max_video_seconds: float = 2 * 3600.0
+    max_video_pixels: int = 3840 * 2160  # per frame
+    max_video_frames: int = 216_000  # frames in the file (2 hours at 30 fps)
+    decode_seconds: float = 120.0  # wall-clock limit of one probe or one frame read
+    decode_memory_bytes: int = 2**30  # the decoder's memory beyond the frames it returns
+
+
+_limits = MediaLimits()
+
+
+def configure(limits: MediaLimits) -> None:
+    """Set the process-wide limits used when a call passes none (the demo does this at start)."""
+    global _limits
+    _limits = limits
+
+
+def current_limits() -> MediaLimits:
+    return _limits
+
+
 # ----------------------------------------------------------------------------------------- images
 def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """Open an image (PIL image, path or bytes), apply EXIF orientation and return it as RGB.
 
     Raises EmptyFileError (zero bytes), MediaError (missing path) or ImageDecodeError (unsupported
-    format, corrupt or truncated data, more than ``max_pixels`` pixels; default MAX_IMAGE_PIXELS).
+    format, corrupt or truncated data, more than ``max_pixels`` pixels; default: the configured limit).
     """
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = _limits.max_image_pixels if max_pixels is None else max_pixels
     if isinstance(src, Image.Image):
         return _decode(src, "The image", limit)
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -47,7 +84,10 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     elif isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         _check_local_file(name, "image")
-        fp = open(name, "rb")
+        try:
+            fp = open(name, "rb")
+        except OSError as e:
+            raise MediaError(f"The image file {name} cannot be read: {e}") from None
     else:
         raise InputError(f"An image must be a PIL image, a path or bytes, not {type(src).__name__}.")
     with fp:
@@ -56,7 +96,8 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(fp, formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as e:  # Pillow's own hard limit (2x its MAX_IMAGE_PIXELS)
-            raise ImageDecodeError(f"{name} is too large: {e}. Downscale the image and try again.") from None
+            raise ImageDecodeError(f"{name} is too large: {str(e).rstrip('.')}. Downscale the image and try "
+                                   "again.") from None
         except UnidentifiedImageError:
             raise ImageDecodeError(f"{name} is not a supported image; use JPEG, PNG, WEBP, GIF or BMP.") from None
         except Exception as e:  # a recognised header that is broken
@@ -85,10 +126,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Pillow convert would clip everything above 255 to white.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(image).astype(np.float64)
-        if image.mode != "I" or arr.max(initial=0) > 255:
-            arr = np.clip(arr, 0, 65535) / 257.0
-        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        arr = np.asarray(image)
+        if image.mode != "I" or arr.max(initial=0) > 255:  # round(x / 257) in integers: 4 bytes a pixel
+            arr = (np.clip(arr, 0, 65535).astype(np.uint32) * 2 + 257) // 514
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -98,18 +139,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _check_local_file(path: str, kind: str) -> None:
     """Raise MediaError unless ``path`` is an existing regular file, EmptyFileError if it is empty."""
-    if not os.path.exists(path):
-        raise MediaError(f"The {kind} file {path} does not exist.")
-    if not os.path.isfile(path):  # directories, FIFOs and devices could block or mislead decoders
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(f"The {kind} file {path} does not exist.") from None
+    except (OSError, ValueError) as e:  # permissions, a NUL byte or an over-long name
+        raise MediaError(f"The {kind} file {path!r} cannot be read: {e}") from None
+    if not stat.S_ISREG(info.st_mode):  # directories, FIFOs and devices could block or mislead decoders
         raise MediaError(f"{path} is not a regular file; give the path of a {kind} file.")
-    if os.path.getsize(path) == 0:
+    if info.st_size == 0:
         raise EmptyFileError(f"The {kind} file {path} is empty (0 bytes); upload it again.")
+
+
+def _video_path(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"A video must be given as a file path, not {type(path).__name__}.")
+    return os.fspath(path)
 
 
 # ----------------------------------------------------------------------------------------- video
 @dataclass(frozen=True)
 class VideoInfo:
-    """What probe_video learned about a file's first video stream."""
+    """What probe_video learned about a file's first video stream (width and height as stored, before
+    any display rotation)."""
 
     path: str
     width: int
@@ -118,6 +170,8 @@ class VideoInfo:
     num_frames: int            # exact unless num_frames_source == "estimated"
     duration: float            # seconds
     num_frames_source: str     # "stream" (header), "packets" (counted by demuxing) or "estimated"
+    container: str = ""        # FFmpeg demuxer, e.g. "matroska,webm"
+    codec: str = ""            # FFmpeg decoder, e.g. "h264"
 
 
 @dataclass(frozen=True)
@@ -141,104 +195,162 @@ class VideoSample:
         return len(self.indices) / self.info.num_frames * self.info.fps
 
 
-def _open_video(path: str | os.PathLike):
-    """Open a local video file with PyAV, local files only; raises the vlm media errors."""
-    name = os.fspath(path)
-    _check_local_file(name, "video")
-    try:
-        container = av.open(
-            name, options={"protocol_whitelist": "file"}, metadata_errors="replace"
-        )
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(f"{name} cannot be opened as a video: {e}") from e
-    if not container.streams.video:
-        container.close()
-        raise VideoDecodeError(f"{name} has no video stream.")
-    return container
+def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> VideoInfo:
+    """Read a video's container, size, frame rate, frame count and duration without decoding a frame.
 
-
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Read a video's size, frame rate, frame count and duration without decoding any frame.
-
+    Runs in a decoder child (see vlm.safe_decode) and refuses, with VideoDecodeError, files over the
+    limits (default: those set by `configure`): size in bytes, duration, pixels per frame, frames.
     The frame count comes from the stream header, else from counting the stream's packets (demuxing
-    only), else from duration * fps. The duration comes from the stream, else its DURATION tag, else
-    the container, else num_frames / fps.
+    only), else from duration * fps. Results are cached per file version.
     """
-    name = os.fspath(path)
-    container = _open_video(name)
-    try:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else None
-        duration = _stream_duration(stream, container)
-        num_frames, source = int(stream.frames or 0), "stream"
-        if num_frames <= 0:
-            try:
-                num_frames = sum(1 for p in container.demux(stream) if p.size)
-                source = "packets"
-            except (av.FFmpegError, OSError, ValueError):
-                num_frames = 0
-            if num_frames <= 0 and duration and fps:
-                num_frames, source = max(1, round(duration * fps)), "estimated"
-        if num_frames <= 0:
-            raise VideoDecodeError(f"{name} has a video stream without any frame.")
-        if not duration:
-            duration = num_frames / fps if fps else 0.0
-        return VideoInfo(name, stream.width, stream.height, fps, num_frames, float(duration), source)
-    finally:
-        container.close()
+    limits = limits or _limits
+    name = _video_path(path)
+    _check_local_file(name, "video")
+    version = os.stat(name)
+    if version.st_size > limits.max_video_bytes:
+        raise VideoDecodeError(f"{name} is {_size(version.st_size)}; videos up to "
+                               f"{_size(limits.max_video_bytes)} are accepted.")
+    info = _probe(name, (version.st_ino, version.st_size, version.st_mtime_ns), limits.max_video_frames,
+                  limits.decode_seconds, limits.decode_memory_bytes)
+    if info.duration > limits.max_video_seconds:
+        raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
+                               "are accepted. Trim it and try again.")
+    if info.width * info.height > limits.max_video_pixels:
+        raise VideoDecodeError(f"{name} is {info.width}x{info.height}; frames up to {limits.max_video_pixels:,} pixels "
+                               "are accepted (e.g. 3840x2160). Downscale it and try again.")
+    if info.num_frames > limits.max_video_frames:
+        raise VideoDecodeError(f"{name} has {'more than ' if info.num_frames_source == 'packets' else ''}"
+                               f"{min(info.num_frames, limits.max_video_frames):,} frames; videos up to "
+                               f"{limits.max_video_frames:,} frames are accepted.")
+    return info
 
 
-def _stream_duration(stream, container) -> float | None:
-    if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
-    if tag:
-        try:  # Matroska: "HH:MM:SS.nnnnnnnnn"
-            h, m, s = tag.split(":")
-            return int(h) * 3600 + int(m) * 60 + float(s)
-        except ValueError:
-            pass
-    if container.duration:
-        return container.duration / 1_000_000  # AV_TIME_BASE
-    return None
+@functools.lru_cache(maxsize=256)
+def _probe(name: str, version: tuple[int, int, int], max_frames: int, timeout: float, memory: int) -> VideoInfo:
+    """probe_video's child call, cached per file version (inode, size, mtime) and limits."""
+    header, _ = _run_decoder({"op": "probe", "path": name, "max_frames": max_frames}, timeout, memory)
+    return VideoInfo(**header["info"])
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int]) -> np.ndarray:
+def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLimits | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (decode order, like transformers' PyAV loader) as uint8 RGB.
 
-    Returns (len(indices), H, W, 3), in the order given. Decoding stops at the last requested frame
-    and only requested frames are kept. Any requested frame that cannot be decoded (corrupt data,
-    index past the end of the stream) raises VideoDecodeError.
+    Returns (len(indices), H, W, 3), in the order given. The file is probed first (limits apply);
+    decoding runs in a child process with a deadline and a memory cap, stops at the last requested
+    frame and keeps only requested frames. Frames are turned upright by the stream's display rotation
+    (the reference ignores it). A frame that cannot be decoded (corrupt data, index past the end of the
+    stream), a crash, a timeout or too little memory raises VideoDecodeError.
     """
-    name = os.fspath(path)
-    wanted = {int(i) for i in indices}
+    limits = limits or _limits
+    name = _video_path(path)
+    wanted = [int(i) for i in indices]
     if not wanted or min(wanted) < 0:
         raise InputError(f"Frame indices must be a non-empty list of non-negative ints, got {indices!r}.")
-    last = max(wanted)
-    frames: dict[int, np.ndarray] = {}
-    decoded = 0
-    container = _open_video(name)
+    info = probe_video(name, limits)
+    frames_bytes = len(wanted) * info.width * info.height * 3
+    request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels}
+    header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
+                                   len(wanted) * limits.max_video_pixels * 3)
+    return np.frombuffer(payload, np.uint8).reshape(header["shape"])
+
+
+# --------------------------------------------------------------------------------- decoder child
+SAFE_DECODE = Path(__file__).with_name("safe_decode.py")
+# The child's environment: no secrets (tokens) of the server's, single-threaded numpy, few malloc arenas.
+_CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+_INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "TMPDIR", "SYSTEMROOT")
+_HEADER_BYTES = 1 << 20
+
+
+def decoder_command() -> list[str]:
+    """The decoder child's command line (isolated mode: no user site, no current directory on the path)."""
+    return [sys.executable, "-I", str(SAFE_DECODE)]
+
+
+def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 0) -> tuple[dict, bytearray]:
+    """Answer `request` in a fresh decoder child within `timeout` seconds and `memory` bytes beyond what
+    the child maps at start; (header, payload bytes).
+
+    The child's refusals become VideoDecodeError; so do a crash, a deadline passed, an early exit or a
+    reply larger than `max_payload`.
+    """
+    name = request["path"]
+    request = {**request, "memory": memory, "cpu_seconds": math.ceil(timeout * (os.cpu_count() or 1)) + 5}
+    env = {**{k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}, **_CHILD_ENV}
+    deadline = time.monotonic() + timeout
+    child = subprocess.Popen(decoder_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, bufsize=0, env=env)
     try:
-        container.seek(0)
-        for i, frame in enumerate(container.decode(video=0)):
-            decoded = i + 1
-            if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(
-            f"{name} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}"
-        ) from e
+        try:
+            child.stdin.write(json.dumps(request).encode())
+            child.stdin.close()
+            (size,) = struct.unpack("<Q", _read_exact(child.stdout, 8, deadline))
+            if size > _HEADER_BYTES:
+                raise EOFError
+            header = json.loads(_read_exact(child.stdout, size, deadline))
+            payload = bytearray()
+            if header.get("ok") and "shape" in header:
+                expected = math.prod(header["shape"])
+                if len(header["shape"]) != 4 or header["shape"][0] != len(request["indices"]) or expected > max_payload:
+                    raise EOFError
+                payload = _read_exact(child.stdout, expected, deadline)
+        except TimeoutError:
+            raise VideoDecodeError(f"{name}: decoding took longer than {timeout:g} s; the file may be damaged "
+                                   "or too long. Try a shorter clip.") from None
+        except (EOFError, OSError, ValueError):
+            if child.poll() is None:
+                child.kill()
+            raise VideoDecodeError(f"{name}: the video decoder stopped ({_exit_reason(child.wait())}); the file is "
+                                   "probably damaged or needs more memory than this server allows.") from None
     finally:
-        container.close()
-    if len(frames) < len(wanted):
-        raise VideoDecodeError(
-            f"{name} ended after {decoded} frame(s); frame {last} was requested. "
-            "The file may be truncated."
-        )
-    return np.stack([frames[int(i)] for i in indices])
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+    if not header.get("ok"):
+        raise VideoDecodeError(header.get("message") or f"{name} cannot be decoded.")
+    return header, payload
+
+
+def _read_exact(pipe, size: int, deadline: float) -> bytearray:
+    """`size` bytes from a raw pipe before `deadline` (TimeoutError), EOFError if it closes first."""
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
+            raise TimeoutError
+        count = pipe.readinto(view[got:])
+        if not count:
+            raise EOFError
+        got += count
+    return buffer
+
+
+def _exit_reason(code: int) -> str:
+    """-11 -> "signal SIGSEGV", 1 -> "exit code 1"."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _size(n: int) -> str:
+    """2048 -> "2.0 KB"."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
+def _clock(seconds: float) -> str:
+    """12.5 -> "12.5 s", 3725.5 -> "1:02:06"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # -------------------------------------------------------------------------------- frame sampling

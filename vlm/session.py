@@ -8,6 +8,7 @@ cancel event belong to the caller (the Gradio session), which starts a `Generati
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import threading
 import time
@@ -16,15 +17,22 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .conversation import media_items, normalize
-from .errors import InputError, VLMError
+from .conversation import drop_oldest_turn, media_items, normalize
+from .errors import ContextLengthError, InputError, VLMError
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
+# Segmentation slides model-sized windows over the image resized to a short side of ~224 pixels: the
+# window count (time) and the logits (memory) grow with the aspect ratio, so very long strips are refused.
+MAX_SEGMENT_ASPECT = 32
 
 
 class MemoryBudgetError(VLMError):
     """A model does not fit the memory budget even with every other model unloaded."""
+
+
+class OutOfMemoryError(VLMError):
+    """The device ran out of memory while answering; the memory was freed and the next request can run."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class Limits:
     max_images: int = 8
     max_frames: int = 64
     max_seconds: float = 300.0
+    context_overflow: str = "error"  # a prompt longer than the context: "error", or "truncate" the oldest turns
 
 
 @dataclass
@@ -174,6 +183,7 @@ class SessionManager:
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
         """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        image = segmentable(image)
         with self.slot(family):
             return self.get(family, source, progress).segment(image, labels, **options)
 
@@ -185,6 +195,7 @@ class Stats:
     tokens: int
     seconds: float  # from the request to the last token
     visual_tokens: int
+    dropped_turns: int = 0  # oldest exchanges left out to fit the context
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -275,7 +286,8 @@ class Generation:
                                            lambda _, message: self._update(status=message))
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
-                    for delta in pipeline.stream(self._conversation, cancel=self._cancel, **self._options):
+                    conversation, deltas, dropped = self._open_stream(pipeline)
+                    for delta in deltas:
                         first = first or time.perf_counter()
                         part = "thinking" if getattr(delta, "kind", "answer") == "thinking" else "answer"
                         texts[part] += delta
@@ -283,19 +295,45 @@ class Generation:
                     stats = Stats(None if first is None else first - start,
                                   sum(count_tokens(pipeline, t) for t in texts.values()),
                                   time.perf_counter() - start,
-                                  visual_tokens(pipeline, self._conversation, self._options))
+                                  visual_tokens(pipeline, conversation, self._options), dropped)
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
-            finish, error = "error", exc
+            finish, error = "error", _out_of_memory(exc) or exc
         finally:
             timer.cancel()
             if timer.is_alive():
                 timer.join()
+            if isinstance(error, OutOfMemoryError):  # the failed request's tensors are unreachable by now
+                _free_memory()
             self._update(status="", done=True, finish=finish, error=error, stats=stats)
             self._done.set()
+
+    def _open_stream(self, pipeline: Any) -> tuple[Any, Iterator[Any], int]:
+        """Start the pipeline's stream: (conversation used, deltas, exchanges dropped).
+
+        With `context_overflow="truncate"`, a prompt longer than the context loses its oldest exchanges
+        (system prompt and last question kept) until it fits; otherwise ContextLengthError stands.
+        """
+        conversation, dropped = self._conversation, 0
+        while True:
+            deltas = pipeline.stream(conversation, cancel=self._cancel, **self._options)
+            try:
+                first = next(deltas)
+            except StopIteration:
+                return conversation, iter(()), dropped
+            except ContextLengthError as exc:
+                shorter = drop_oldest_turn(conversation) if self._manager.limits.context_overflow == "truncate" \
+                    else None
+                if shorter is None:
+                    raise exc from None
+                conversation, dropped = shorter, dropped + 1
+                self._update(status=f"The conversation is longer than the context: leaving out the oldest "
+                                    f"{dropped} exchange(s)…")
+                continue
+            return conversation, itertools.chain([first], deltas), dropped
 
     def _time_up(self) -> None:
         self._timed_out.set()
@@ -303,6 +341,33 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
+    """An OutOfMemoryError with advice when `exc` (or its cause) is an out-of-memory error, else None."""
+    import torch
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        text = str(cause).lower()
+        if isinstance(cause, (MemoryError, torch.OutOfMemoryError)) or (
+                isinstance(cause, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)):
+            return OutOfMemoryError("The server ran out of memory for this request. Try fewer or smaller images, "
+                                    "fewer video frames, fewer new tokens or a shorter chat (Clear), then ask again.")
+        cause = cause.__cause__
+    return None
+
+
+def segmentable(image: Any) -> Any:
+    """The decoded image, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT."""
+    from .media import load_image
+
+    image = load_image(image)
+    ratio = max(image.size) / min(image.size)
+    if ratio > MAX_SEGMENT_ASPECT:
+        raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
+                         f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
+    return image
+
+
 def count_tokens(pipeline: Any, text: str) -> int:
     """Tokens of generated text (re-encoded; exact for text the model would write the same way)."""
     return len(pipeline.tokenizer.encode_plain(text)) if text else 0

@@ -1,13 +1,18 @@
 """The Gradio demo: a chat tab and a segmentation tab sharing one SessionManager.
 
 `build(settings)` returns the Blocks (queue configured); `launch(demo, settings)` serves it with the
-security defaults (uploads only, `max_file_size`, no `allowed_paths`, no flagging).
+security defaults (uploads only, `max_file_size`, no `allowed_paths`, no flagging, a bounded number of
+sessions kept: every API call is a session of its own and Gradio keeps ~50 KB for each).
 """
 
 from __future__ import annotations
 
-import gradio as gr
+from typing import Any
 
+import gradio as gr
+from PIL import Image
+
+from .. import media
 from ..families import FAMILIES
 from ..session import SessionManager
 from . import zerogpu
@@ -23,6 +28,9 @@ INTRO = ("# Vision-language models in plain PyTorch\n"
 
 
 def build(settings: Settings) -> gr.Blocks:
+    media.configure(settings.media)
+    # Defence in depth: any image decoded outside vlm.media (by Gradio or a library) meets the same limit.
+    Image.MAX_IMAGE_PIXELS = settings.media.max_image_pixels // 2
     catalog = Catalog.discover(settings)
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency, settings.device,
                              settings.dtype, resolve=catalog.resolve)
@@ -47,10 +55,11 @@ def build(settings: Settings) -> gr.Blocks:
     return demo
 
 
-def launch(demo: gr.Blocks, settings: Settings) -> None:
-    """Serve on GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860)."""
+def launch(demo: gr.Blocks, settings: Settings, **options: Any) -> None:
+    """Serve on GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860); `options` go to
+    `Blocks.launch` (tests pass prevent_thread_lock)."""
     demo.launch(max_file_size=settings.max_file_size, show_error=True, ssr_mode=False,
-                footer_links=["api", "gradio"])
+                footer_links=["api", "gradio"], state_session_capacity=settings.session_capacity, **options)
 
 
 def is_segmentation(family: str) -> bool:

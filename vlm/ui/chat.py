@@ -17,6 +17,7 @@ from ..errors import VLMError
 from ..session import SessionManager, Snapshot, format_bytes
 from .checkpoints import Catalog, is_tiny, label
 from .turns import ChatState, Turn, answer_messages, draw_boxes, error_text, user_turn
+from .uploads import uploads_only
 from .zerogpu import gpu_stream
 
 UPDATE_SECONDS = 0.05  # the answer is redrawn at most 20 times a second
@@ -46,9 +47,10 @@ class ChatTab:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=560, elem_id="chatbot", buttons=["copy"],
                                      placeholder="Upload images or a video, ask a question, press Enter.")
-                box = gr.MultimodalTextbox(label="Message", show_label=False, file_count="multiple",
-                                           file_types=["image", "video"], sources=["upload"], elem_id="chat-input",
-                                           placeholder="Ask about the images or the video (attach them with the clip)")
+                box = uploads_only(gr.MultimodalTextbox(
+                    label="Message", show_label=False, file_count="multiple", file_types=["image", "video"],
+                    sources=["upload"], elem_id="chat-input",
+                    placeholder="Ask about the images or the video (attach them with the clip)"))
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")

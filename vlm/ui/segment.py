@@ -16,6 +16,7 @@ from ..families import FAMILIES
 from ..session import SessionManager
 from .checkpoints import Catalog
 from .turns import error_text
+from .uploads import image_path
 from .zerogpu import gpu
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -37,7 +38,7 @@ class SegmentTab:
         result = gr.State(None)  # the last Segmentation of this session
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image", elem_id="seg-image")
+                image = image_path(sources=["upload", "clipboard"], label="Image", elem_id="seg-image")
                 labels = gr.Textbox(label="Labels", placeholder="Comma-separated, e.g. cat, sofa, wall",
                                     elem_id="seg-labels-input")
                 family = gr.Dropdown(self.families, value=first, label="Model family",

@@ -9,9 +9,17 @@ VLM_DEVICE, VLM_DTYPE   as vlm.load (default "auto")
 VLM_MEMORY_BUDGET_GB    weights kept loaded at once (default: 90% of GPU memory, else 70% of RAM)
 VLM_QUEUE_SIZE          requests waiting in Gradio's queue (default 32)
 VLM_CONCURRENCY         requests served at once per family (default 1)
+VLM_SESSION_CAPACITY    browser or API sessions whose state Gradio keeps; the oldest are dropped (default 1000)
 VLM_MAX_NEW_TOKENS, VLM_MAX_IMAGES, VLM_MAX_FRAMES, VLM_MAX_SECONDS
                         per-request caps (default 2048 tokens, 8 images, 64 video frames, 300 s)
-VLM_MAX_FILE_SIZE       largest upload (default "50mb")
+VLM_MAX_FILE_SIZE       largest upload, and largest video file decoded (default "50mb")
+VLM_MAX_IMAGE_PIXELS    largest image decoded, width x height (default 64000000)
+VLM_MAX_VIDEO_SECONDS, VLM_MAX_VIDEO_RESOLUTION, VLM_MAX_VIDEO_FRAMES
+                        longest video, largest frame ("3840x2160" or a pixel count) and most frames in a
+                        video file, checked before decoding (default 7200 s, 3840x2160, 216000)
+VLM_DECODE_SECONDS      time limit of one video probe or decode, in a child process (default 120)
+VLM_CONTEXT_OVERFLOW    a prompt longer than the model's context: "truncate" the oldest exchanges
+                        (default) or "error"
 VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the checkpoint box
 """
 
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ..media import MediaLimits
 from ..session import Limits
 
 
@@ -39,6 +48,8 @@ class Settings:
     limits: Limits
     max_file_size: str
     custom_checkpoints: bool
+    media: MediaLimits = MediaLimits()
+    session_capacity: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -50,6 +61,11 @@ class Settings:
                 raise ValueError(f"{name}={value!r} is not a number.") from None
 
         budget_gb = number("VLM_MEMORY_BUDGET_GB", 0.0)
+        overflow = env.get("VLM_CONTEXT_OVERFLOW", "truncate").strip().lower()
+        if overflow not in ("truncate", "error"):
+            raise ValueError(f"VLM_CONTEXT_OVERFLOW={overflow!r}; use truncate or error.")
+        max_file_size = env.get("VLM_MAX_FILE_SIZE", "50mb")
+        defaults = MediaLimits()
         device = env.get("VLM_DEVICE", "auto")
         return cls(
             models={k[len("VLM_MODEL_"):].lower(): v for k, v in env.items() if k.startswith("VLM_MODEL_") and v},
@@ -67,10 +83,42 @@ class Settings:
                 max_images=int(number("VLM_MAX_IMAGES", Limits.max_images)),
                 max_frames=int(number("VLM_MAX_FRAMES", Limits.max_frames)),
                 max_seconds=number("VLM_MAX_SECONDS", Limits.max_seconds),
+                context_overflow=overflow,
             ),
-            max_file_size=env.get("VLM_MAX_FILE_SIZE", "50mb"),
+            max_file_size=max_file_size,
             custom_checkpoints=flag(env.get("VLM_CUSTOM_CHECKPOINTS")),
+            session_capacity=int(number("VLM_SESSION_CAPACITY", 1000)),
+            media=MediaLimits(
+                max_image_pixels=int(number("VLM_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
+                max_video_bytes=file_size(max_file_size),
+                max_video_seconds=number("VLM_MAX_VIDEO_SECONDS", defaults.max_video_seconds),
+                max_video_pixels=resolution(env.get("VLM_MAX_VIDEO_RESOLUTION", ""), defaults.max_video_pixels),
+                max_video_frames=int(number("VLM_MAX_VIDEO_FRAMES", defaults.max_video_frames)),
+                decode_seconds=number("VLM_DECODE_SECONDS", defaults.decode_seconds),
+            ),
         )
+
+
+def file_size(value: str) -> int:
+    """Bytes in a size as Gradio's max_file_size reads it: "50mb" -> 52428800 (units b, kb, mb, gb, tb)."""
+    text = value.strip().lower().replace(" ", "")
+    digits = len(text) - len(text.lstrip("0123456789"))
+    units = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+    if not digits or text[digits:] not in units:
+        raise ValueError(f"VLM_MAX_FILE_SIZE={value!r} is not a size like 50mb.")
+    return int(text[:digits]) * units[text[digits:]]
+
+
+def resolution(value: str, default: int) -> int:
+    """Pixels in "3840x2160" or a plain pixel count ("" gives `default`)."""
+    text = value.strip().lower()
+    try:
+        if "x" in text:
+            width, height = text.split("x")
+            return int(width) * int(height)
+        return int(text) if text else default
+    except ValueError:
+        raise ValueError(f"VLM_MAX_VIDEO_RESOLUTION={value!r}; use e.g. 3840x2160.") from None
 
 
 def flag(value: str | None) -> bool:
