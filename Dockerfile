@@ -11,7 +11,9 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/home/user/.cache/huggingface \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
-    GRADIO_ANALYTICS_ENABLED=False
+    GRADIO_ANALYTICS_ENABLED=False \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
 
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
