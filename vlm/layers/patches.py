@@ -4,6 +4,7 @@ rows, and the (row, col) of each row that the vision towers' 2-D rotary uses. Bo
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 
 def patchify(frames: torch.Tensor, temporal_patch_size: int, patch_size: int, merge_size: int):
@@ -20,6 +21,20 @@ def patchify(frames: torch.Tensor, temporal_patch_size: int, patch_size: int, me
     x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
     return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
+
+
+def video_patches(frames: torch.Tensor, size: tuple[int, int], mode: str, mean, std, rescale_factor: float,
+                  temporal_patch_size: int, patch_size: int, merge_size: int):
+    """uint8 frames (T, 3, H, W) -> resized (antialiased, as torchvision), rescaled, normalised patch rows.
+
+    Returns `patchify`'s (rows, [grid_t, grid_h, grid_w]).
+    """
+    if tuple(size) != tuple(frames.shape[2:]):
+        frames = F.interpolate(frames, size=size, mode=mode, align_corners=False, antialias=True)
+    mean = torch.tensor(mean) * (1.0 / rescale_factor)  # fused rescale + normalise
+    std = torch.tensor(std) * (1.0 / rescale_factor)
+    x = (frames.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+    return patchify(x, temporal_patch_size, patch_size, merge_size)
 
 
 def patch_rows_cols(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:

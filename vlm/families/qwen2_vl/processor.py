@@ -19,11 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
-from ...layers.patches import patchify
+from ...layers.patches import patchify, video_patches
 from ...media import VideoSample, probe_video, read_frames, sample_frames_bounded, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -170,12 +169,8 @@ def preprocess_frames(
         hi = max(min(hi, budget * s.temporal_patch_size // len(frames)), int(lo * 1.05))
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
     h, w = smart_resize(x.shape[2], x.shape[3], s.factor, lo, hi)
-    if (h, w) != tuple(x.shape[2:]):
-        x = F.interpolate(x, size=(h, w), mode=_TORCH_MODES[s.resample], align_corners=False, antialias=True)
-    mean = torch.tensor(s.image_mean) * (1.0 / s.rescale_factor)  # fused rescale + normalise
-    std = torch.tensor(s.image_std) * (1.0 / s.rescale_factor)
-    x = (x.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
-    patches, grid = patchify(x, s.temporal_patch_size, s.patch_size, s.merge_size)
+    patches, grid = video_patches(x, (h, w), _TORCH_MODES[s.resample], s.image_mean, s.image_std, s.rescale_factor,
+                                  s.temporal_patch_size, s.patch_size, s.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long)
 
 
