@@ -14,7 +14,6 @@ import http.client
 import http.server
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import vlm.errors
 import vlm.media
 import vlm.pipeline
 import vlm.tiny
+from tests.test_app import free_port
 from vlm.session import SessionManager
 from vlm.ui import Settings, build, launch
 
@@ -41,12 +41,6 @@ SOAK_REQUESTS = 200
 SESSIONS = 20  # Gradio sessions kept (each API call is one): the soak's warm-up fills them
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def endless_qwen2_vl(directory: Path) -> Path:

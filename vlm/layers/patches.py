@@ -3,6 +3,7 @@ rows, and the (row, col) of each row that the vision towers' 2-D rotary uses. Bo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -21,6 +22,15 @@ def patchify(frames: torch.Tensor, temporal_patch_size: int, patch_size: int, me
     x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
     return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
+
+
+def image_patches(pixels, mean, std, rescale_factor: float, temporal_patch_size: int, patch_size: int,
+                  merge_size: int):
+    """A resized (H, W, 3) uint8 array -> `patchify`'s rows and grid, with the reference's float steps
+    (rescale in float64, then normalise in float32)."""
+    mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    x = ((pixels.astype(np.float64) * rescale_factor).astype(np.float32) - mean) / std
+    return patchify(torch.from_numpy(x).permute(2, 0, 1)[None], temporal_patch_size, patch_size, merge_size)
 
 
 def video_patches(frames: torch.Tensor, size: tuple[int, int], mode: str, mean, std, rescale_factor: float,

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
-from ...layers.patches import patchify, video_patches
+from ...layers.patches import image_patches, video_patches
 from ...media import VideoInfo, VideoSample, probe_video, read_frames, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -120,14 +120,13 @@ def preprocess_images(images: Sequence[Image.Image], s: PatchSettings, min_pixel
     """
     lo = s.min_pixels if min_pixels is None else min_pixels * s.temporal_patch_size
     hi = s.max_pixels if max_pixels is None else max_pixels * s.temporal_patch_size
-    mean, std = np.array(s.image_mean, dtype=np.float32), np.array(s.image_std, dtype=np.float32)
     rows, grids = [], []
     for image in images:
         image = to_rgb(image)
         h, w = smart_resize(s.temporal_patch_size, image.height, image.width, s.temporal_patch_size, s.factor, lo, hi)
         pixels = np.asarray(image.resize((w, h), resample=s.resample))  # (H, W, 3) uint8
-        x = ((pixels.astype(np.float64) * s.rescale_factor).astype(np.float32) - mean) / std  # as the reference
-        patches, grid = patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s.temporal_patch_size, s.patch_size, s.merge_size)
+        patches, grid = image_patches(pixels, s.image_mean, s.image_std, s.rescale_factor, s.temporal_patch_size,
+                                      s.patch_size, s.merge_size)
         rows.append(patches)
         grids.append(grid)
     if not rows:

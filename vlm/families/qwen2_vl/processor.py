@@ -22,7 +22,7 @@ from PIL import Image
 
 from ...checkpoint import read_processor_configs
 from ...errors import CheckpointError, InputError
-from ...layers.patches import patchify, video_patches
+from ...layers.patches import image_patches, video_patches
 from ...media import VideoSample, probe_video, read_frames, sample_frames_bounded, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -133,16 +133,13 @@ def preprocess_images(
     s = settings
     lo = s.min_pixels if min_pixels is None else min_pixels
     hi = s.max_pixels if max_pixels is None else max_pixels
-    mean = np.array(s.image_mean, dtype=np.float32)
-    std = np.array(s.image_std, dtype=np.float32)
     rows, grids = [], []
     for image in images:
         image = to_rgb(image)
         h, w = smart_resize(image.height, image.width, s.factor, lo, hi)
         pixels = np.asarray(image.resize((w, h), resample=s.resample))  # (H, W, 3) uint8
-        # Same float steps as the reference: rescale in float64, then float32 normalise.
-        x = ((pixels.astype(np.float64) * s.rescale_factor).astype(np.float32) - mean) / std
-        patches, grid = patchify(torch.from_numpy(x).permute(2, 0, 1)[None], s.temporal_patch_size, s.patch_size, s.merge_size)
+        patches, grid = image_patches(pixels, s.image_mean, s.image_std, s.rescale_factor, s.temporal_patch_size,
+                                      s.patch_size, s.merge_size)
         rows.append(patches)
         grids.append(grid)
     if not rows:
