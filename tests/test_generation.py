@@ -107,3 +107,16 @@ def test_sampler_matches_transformers_processors():
 def test_generation_config_defaults_and_overrides(pipe):
     assert pipe.defaults.do_sample is False
     assert pipe.defaults.override(temperature=0.5, top_p=None).temperature == 0.5
+
+
+def test_out_of_memory_is_a_specific_error(pipe, monkeypatch):
+    from vlm.errors import OutOfMemoryError
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipe.model, "logits", exhausted)
+    with pytest.raises(OutOfMemoryError, match="fewer"):
+        list(pipe.stream(CONV, max_new_tokens=5))
+    monkeypatch.undo()
+    assert pipe.generate(CONV, max_new_tokens=2)[0].token_ids  # the next request works

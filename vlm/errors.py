@@ -55,3 +55,7 @@ class ContextLengthError(InputError):
 
 class GenerationError(VLMError):
     """Generation failed inside the model (wraps the original exception)."""
+
+
+class OutOfMemoryError(GenerationError):
+    """The device ran out of memory while answering; the memory is freed and the next request can run."""

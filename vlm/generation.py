@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .caching import PrefixPool
-from .errors import GenerationError, InputError, VLMError
+from .errors import GenerationError, InputError, OutOfMemoryError, VLMError
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,9 @@ def run_in_thread(produce: Callable[[threading.Event], Iterator[Any]], cancel: t
             if not ok:
                 if isinstance(item, VLMError):
                     raise item
+                if isinstance(item, (MemoryError, torch.OutOfMemoryError)):
+                    raise OutOfMemoryError("Out of memory while answering: use fewer or smaller images, fewer "
+                                           "video frames, fewer new tokens or a shorter conversation.") from item
                 raise GenerationError(f"Generation failed: {type(item).__name__}: {item}") from item
             yield item
     finally:

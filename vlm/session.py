@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .conversation import drop_oldest_turn, media_items, normalize
-from .errors import ContextLengthError, InputError, VLMError
+from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -29,10 +29,6 @@ MAX_SEGMENT_ASPECT = 32
 
 class MemoryBudgetError(VLMError):
     """A model does not fit the memory budget even with every other model unloaded."""
-
-
-class OutOfMemoryError(VLMError):
-    """The device ran out of memory while answering; the memory was freed and the next request can run."""
 
 
 @dataclass(frozen=True)
