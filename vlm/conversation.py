@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import InputError
@@ -136,6 +135,3 @@ def left_pad(rows: list[list[int]], pad_id: int):
             mask[i, width - len(row):] = 1
     return ids, mask
 
-
-def as_path(source: Any) -> Path | None:
-    return Path(source) if isinstance(source, (str, Path)) else None
