@@ -22,6 +22,7 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     from .checkpoint import read_config, resolve_device, resolve_dtype
     from .families import detect_family
     from .hub import resolve
+    from .layers.linear import pack_linears
     from .quantize import check_method, quantize
 
     check_method(quantization)
@@ -33,4 +34,5 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     if quantization is not None:
         quantize(pipe.model, quantization)
         pipe.clear_caches()
+    pack_linears(pipe.model)
     return pipe

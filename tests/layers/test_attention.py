@@ -1,0 +1,39 @@
+"""Decode attention (a few queries over a long cache) equals SDPA, with GQA, masks and left padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlm.layers.attention import KVCache, grouped_attention
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
+@pytest.mark.parametrize("queries", [1, 3])
+def test_grouped_attention_matches_sdpa(heads, kv_heads, head_dim, queries):
+    torch.manual_seed(0)
+    batch, length = 2, 37
+    q = torch.randn(batch, heads, queries, head_dim)
+    k, v = torch.randn(batch, kv_heads, length, head_dim), torch.randn(batch, kv_heads, length, head_dim)
+    mask = torch.rand(batch, 1, queries, length) > 0.3
+    mask[..., -1] = True  # every query sees at least itself, as KVCache.begin guarantees
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_attention_reads_a_strided_cache_slice():
+    """The cache is preallocated, so keys arrive as a slice of a longer buffer."""
+    torch.manual_seed(1)
+    cache = KVCache(layers=1, batch=2, kv_heads=2, head_dim=8, capacity=40, dtype=torch.float32, device="cpu")
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, :4] = False  # the second row is left-padded
+    cache.begin(valid)
+    cache.update(0, torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8))
+    cache.commit(11)
+    mask = cache.begin(torch.ones(2, 1, dtype=torch.bool))
+    k, v = cache.update(0, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    assert not k.is_contiguous()
+    q = torch.randn(2, 6, 1, 8)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
