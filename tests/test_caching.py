@@ -81,7 +81,7 @@ def test_prefix_pool_keeps_the_longest_match_and_is_bounded():
         pool.put(torch.tensor(ids), positions(len(ids)), embeds(ids), make())
     query = [1, 2, 3, 4, 7, 8]
     taken = pool.take(torch.tensor(query), positions(6), embeds(query))
-    assert taken is not None and taken[1] == 4 and taken[0].capacity == 16
+    assert taken is not None and taken[1] == 4 and taken[0].capacity >= 16
     assert pool.take(torch.tensor([1, 2, 3]), positions(3), embeds([1, 2, 3])) is None  # evicted, or taken
     assert pool.take(torch.tensor([9, 9, 1]), positions(3) + 1, embeds([9, 9, 1])) is None  # other positions
     pool.put(torch.tensor([5, 6]), positions(2), embeds([5, 6]), make())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlm.layers.attention import KVCache, grouped_attention
+from vlm.layers.attention import SPAN_STEP, KVCache, grouped_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
@@ -25,7 +25,7 @@ def test_grouped_attention_matches_sdpa(heads, kv_heads, head_dim, queries):
 def test_grouped_attention_reads_a_strided_cache_slice():
     """The cache is preallocated, so keys arrive as a slice of a longer buffer."""
     torch.manual_seed(1)
-    cache = KVCache(layers=1, batch=2, kv_heads=2, head_dim=8, capacity=40, dtype=torch.float32, device="cpu")
+    cache = KVCache(layers=1, batch=2, kv_heads=2, head_dim=8, capacity=300, dtype=torch.float32, device="cpu")
     valid = torch.ones(2, 11, dtype=torch.bool)
     valid[1, :4] = False  # the second row is left-padded
     cache.begin(valid)
@@ -33,7 +33,7 @@ def test_grouped_attention_reads_a_strided_cache_slice():
     cache.commit(11)
     mask = cache.begin(torch.ones(2, 1, dtype=torch.bool))
     k, v = cache.update(0, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
-    assert not k.is_contiguous()
+    assert not k.is_contiguous() and k.shape[2] == mask.shape[-1] == SPAN_STEP  # 12 keys, then masked slots
     q = torch.randn(2, 6, 1, 8)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)

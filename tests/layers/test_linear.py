@@ -28,7 +28,36 @@ def test_packed_matches_linear(dtype, rows, bias):
     assert got.shape == expected.shape and got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
-    assert packed.weight is None and packed.packed is not None  # the plain weight is released once packed
+    assert packed.sources == [] and packed.packed is not None  # the plain weight is released once packed
+
+
+@pytest.mark.parametrize("biases", [(True, True, True), (False, True, False), (False, False, False)])
+def test_fused_projections_match_separate_linears(biases):
+    torch.manual_seed(1)
+    linears = [nn.Linear(32, n, bias=b) for n, b in zip((48, 16, 16), biases)]
+    x = torch.randn(3, 5, 32)
+    with torch.inference_mode():
+        outs = PackedLinear(*linears)(x)
+        assert len(outs) == 3
+        for out, linear in zip(outs, linears):
+            torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_and_mlp_fuse_their_projections():
+    from vlm.layers.attention import SelfAttention
+    from vlm.layers.mlp import GatedMLP
+
+    attention, mlp = SelfAttention(64, 4, 2, 16, layer=0), GatedMLP(64, 96)
+    x = torch.randn(1, 3, 64)
+    with torch.inference_mode():
+        expected = mlp(x), attention.project(x)
+        pack_linears(attention), pack_linears(mlp)
+        assert not hasattr(attention, "q_proj") and isinstance(attention.qkv_proj, PackedLinear)
+        assert not hasattr(mlp, "gate_proj") and isinstance(mlp.gate_up_proj, PackedLinear)
+        assert isinstance(attention.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)
+        torch.testing.assert_close(mlp(x), expected[0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(attention.project(x), expected[1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_linears_swaps_only_supported_layers():

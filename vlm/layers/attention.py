@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .linear import PackedLinear, packable
 from .rotary import apply_rotary, rotate_half
 
 
@@ -18,6 +19,7 @@ class KVCache:
     """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        capacity = _round_up(capacity)
         shape = (batch, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -26,28 +28,31 @@ class KVCache:
         self.length = 0
 
     def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Register `new_valid` (B, L) tokens; return the boolean attention mask (B, 1, L, length + L).
+        """Register `new_valid` (B, L) tokens; return the boolean attention mask (B, 1, L, span).
 
         Each query sees valid keys up to itself, and always itself (so padded queries never see an
-        empty row, which would turn into NaN).
+        empty row, which would turn into NaN). `span` is length + L rounded up to SPAN_STEP: the keys
+        past the new tokens are masked out, and matmul shapes change once per SPAN_STEP tokens only
+        (oneDNN compiles a kernel for each new shape, which costs more than the matmul itself).
         """
         start, count = self.length, new_valid.shape[1]
         if start + count > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; {start + count} requested.")
         self.valid[:, start:start + count] = new_valid
-        keys = torch.arange(start + count, device=new_valid.device)
+        self.span = min(self.capacity, _round_up(start + count))
+        keys = torch.arange(self.span, device=new_valid.device)
         queries = torch.arange(start, start + count, device=new_valid.device)
         causal = keys[None, :] <= queries[:, None]
-        mask = causal[None] & self.valid[:, None, :start + count]
+        mask = causal[None] & self.valid[:, None, :self.span]
         mask |= keys[None, None, :] == queries[None, :, None]
         return mask[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, L, D) after the filled positions; return all keys and values so far."""
+        """Write k, v (B, H, L, D) after the filled positions; return the keys and values of the span."""
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:, :, :self.span], self.values[layer][:, :, :self.span]
 
     def commit(self, count: int) -> None:
         self.length += count
@@ -58,6 +63,7 @@ class KVCache:
 
     def reserve(self, capacity: int) -> None:
         """Grow to hold `capacity` positions (copying what is filled)."""
+        capacity = _round_up(capacity)
         if capacity <= self.capacity:
             return
         for store in (self.keys, self.values):
@@ -68,6 +74,13 @@ class KVCache:
         valid = self.valid.new_zeros(self.valid.shape[0], capacity)
         valid[:, :self.length] = self.valid[:, :self.length]
         self.valid, self.capacity = valid, capacity
+
+
+SPAN_STEP = 128
+
+
+def _round_up(length: int) -> int:
+    return -(-length // SPAN_STEP) * SPAN_STEP
 
 
 class SelfAttention(nn.Module):
@@ -81,6 +94,18 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
+        self.qkv_proj: PackedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """Run q, k and v as one packed matmul (see `pack_linears`) when the weights allow it."""
+        if packable(self.q_proj, self.k_proj, self.v_proj):
+            self.qkv_proj = PackedLinear(self.q_proj, self.k_proj, self.v_proj)
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def rotate(self, q, k, cos, sin):
         """Apply the rotary embedding (a family with partial or interleaved rotary overrides this)."""
@@ -89,9 +114,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotate(q, k, cos, sin)
         k, v = cache.update(self.layer, k, v)
         if n <= DECODE_QUERIES:

@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .linear import PackedLinear, packable
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -31,9 +33,17 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.act = activation(act)
+        self.gate_up_proj: PackedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """Run gate and up as one packed matmul (see `pack_linears`) when the weights allow it."""
+        if packable(self.gate_proj, self.up_proj):
+            self.gate_up_proj = PackedLinear(self.gate_proj, self.up_proj)
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class MLP(nn.Module):
