@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..quantize import METHODS
 from .checkpoints import MODELS, build_checkpoint, decode_bytes_per_token, weight_bytes
 from .media import make_image, make_video
 
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/vlm-bench"), help="checkpoints are kept here")
     parser.add_argument("--out", default="bench_results", help="where results.md and results.json go")
     parser.add_argument("--skip-reference", action="store_true", help="measure this project only")
-    parser.add_argument("--quantization", choices=["int8"], help="quantize this project's language model")
+    parser.add_argument("--quantization", choices=sorted(METHODS), help="quantize this project's language model")
     args = parser.parse_args()
 
     cache, out = Path(args.cache), Path(args.out)
