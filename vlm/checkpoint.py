@@ -181,6 +181,7 @@ class _WeightReader:
 
     def __init__(self):
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
+        self.handles: dict[Path, Any] = {}  # one open safetensors file each (opening maps and parses it)
 
     def read(self, file: Path, key: str, entry: Any, dtype: torch.dtype | None) -> torch.Tensor:
         if isinstance(entry, torch.Tensor):  # from a memory-mapped pytorch_model.bin
@@ -189,10 +190,11 @@ class _WeightReader:
         stored = SAFETENSORS_DTYPES[entry["dtype"]]
         if dtype is not None and dtype != stored and stored.is_floating_point and dtype.is_floating_point:
             return read_safetensors_tensor(file, key, entry, dtype, self.buffers)
-        from safetensors import safe_open
+        if file not in self.handles:
+            from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(key)
+            self.handles[file] = safe_open(str(file), framework="pt")
+        return self.handles[file].get_tensor(key)
 
 
 def load_weights(
