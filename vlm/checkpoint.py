@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from contextlib import contextmanager
 import struct
 import time
@@ -181,7 +182,6 @@ class _WeightReader:
 
     def __init__(self):
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.handles: dict[Path, Any] = {}  # one open safetensors file each (opening maps and parses it)
 
     def read(self, file: Path, key: str, entry: Any, dtype: torch.dtype | None) -> torch.Tensor:
         if isinstance(entry, torch.Tensor):  # from a memory-mapped pytorch_model.bin
@@ -190,11 +190,7 @@ class _WeightReader:
         stored = SAFETENSORS_DTYPES[entry["dtype"]]
         if dtype is not None and dtype != stored and stored.is_floating_point and dtype.is_floating_point:
             return read_safetensors_tensor(file, key, entry, dtype, self.buffers)
-        if file not in self.handles:
-            from safetensors import safe_open
-
-            self.handles[file] = safe_open(str(file), framework="pt")
-        return self.handles[file].get_tensor(key)
+        return map_safetensors_tensor(file, entry)
 
 
 def load_weights(
@@ -289,6 +285,20 @@ def read_safetensors_tensor(file: Path, key: str, info: dict[str, Any], dtype: t
 
 
 READ_CHUNK = 1 << 20  # elements per read when casting
+
+
+def map_safetensors_tensor(file: Path, info: dict[str, Any]) -> torch.Tensor:
+    """One tensor memory-mapped on its own: nothing is read until it is used, and its pages leave this
+    process when the tensor is freed (a map of the whole file would keep every touched page resident)."""
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    if end == begin:
+        return torch.empty(info["shape"], dtype=dtype)
+    start = info["data_start"]
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(file, "rb") as f:  # a private (copy-on-write) map: the file is never written
+        mapped = mmap.mmap(f.fileno(), start - base + end - begin, offset=base, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=dtype, count=math.prod(info["shape"]), offset=start - base).view(info["shape"])
 
 
 def _read_exactly(f, flat: torch.Tensor, file: Path, key: str) -> None:
