@@ -15,9 +15,10 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
          revision: str | None = None):
     """Load a checkpoint (local directory or hub repo id); the family is read from its config.json.
 
-    Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT). `quantization="int8"`
-    stores the language model's linear weights as int8 (weight-only, per channel): about half the
-    memory traffic per decoded token.
+    Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT). `quantization` stores the
+    language model's linear weights in fewer bits: "int8" (per channel) or "int4" (CPU, groups of 32),
+    which read less memory per decoded token, or bitsandbytes' "bnb-int8" / "bnb-nf4" (GPU; on CPU they
+    save memory but decode slower). On CPU, float32/bfloat16 linears are packed for oneDNN on first use.
     """
     from .checkpoint import read_config, resolve_device, resolve_dtype
     from .families import detect_family
@@ -25,11 +26,11 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     from .layers.linear import pack_linears
     from .quantize import check_method, quantize
 
-    check_method(quantization)
+    torch_device = resolve_device(device)
+    check_method(quantization, torch_device)
     directory = resolve(model, revision)
     config = read_config(directory)
     family = detect_family(config)
-    torch_device = resolve_device(device)
     pipe = family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
     if quantization is not None:
         quantize(pipe.model, quantization)

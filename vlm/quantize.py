@@ -1,11 +1,20 @@
-"""Weight-only int8 quantization of a language model's linear layers (per output channel, symmetric).
+"""Weight-only quantization of a language model's linear layers.
 
-Decoding reads every weight once per token, so halving the bytes of bf16 weights nearly doubles
-tokens/s on a memory-bound CPU; `torch.ops.aten._weight_int8pack_mm` multiplies int8 weights by
-bf16 activations directly. Prompts (many rows at once) dequantize and use the bf16 matmul instead.
+Decoding reads every weight once per token, so fewer bytes per weight mean more tokens/s on a
+memory-bound CPU, and less memory. Both kernels multiply bf16 activations by quantized weights directly
+(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); prompts (many rows at once)
+dequantize and use the bf16 matmul instead.
+
+- "int8": symmetric, one scale per output channel (error ~0.5% of a weight row).
+- "int4" (CPU only): asymmetric (scale and zero point) per group of 32 inputs, like llama.cpp's Q4_1
+  (error ~6% of a weight row); layers whose sizes do not fit the kernel's groups and row blocks keep
+  their dtype. The kernel's packed layout depends on the CPU; it is found once by packing a probe.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,8 +22,12 @@ from torch.nn import functional as F
 
 from .errors import InputError
 
-METHODS = ("int8",)
-DECODE_ROWS = 8  # up to this many rows, the int8 kernel beats dequantize-then-matmul
+DECODE_ROWS = 8  # up to this many rows, the quantized kernels beat dequantize-then-matmul
+INT4_GROUP = 32
+
+
+def _kernel_applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return x.shape[0] <= DECODE_ROWS and x.dtype == dtype == torch.bfloat16 and x.device.type == "cpu"
 
 
 class Int8Linear(nn.Module):
@@ -29,21 +42,113 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales[:, None].to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= DECODE_ROWS and flat.dtype == self.scales.dtype == torch.bfloat16 \
-                and flat.device.type == "cpu":
+        if _kernel_applies(flat, self.scales.dtype):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales)
             out = out if self.bias is None else out + self.bias
         else:
-            weight = self.weight_int8.to(x.dtype) * self.scales[:, None].to(x.dtype)
-            out = F.linear(flat, weight, self.bias)
+            out = F.linear(flat, self.dequantized(x.dtype), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def check_method(method: str | None) -> None:
+def _unpack_int4(packed: torch.Tensor, block: int, interleaved: bool) -> torch.Tensor:
+    """(N, K/2) bytes packed in blocks of `block` rows, each laid out (K, block/2) -> (N, K) codes.
+
+    A byte holds rows (j, j + block/2) of its block, or (2j, 2j + 1) when `interleaved`."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(n // block, k, block // 2).transpose(1, 2).contiguous()  # (blocks, block/2, K)
+    low, high = blocks & 15, blocks >> 4
+    return (torch.stack([low, high], 2) if interleaved else torch.cat([low, high], 1)).reshape(n, k)
+
+
+@lru_cache(maxsize=1)
+def _int4_layout() -> tuple[int, bool]:
+    """(block, interleaved) of `_convert_weight_to_int4pack_for_cpu` on this CPU, found by packing a probe.
+
+    aten's int4mm_kernel.cpp packs blocks of 64 rows with AVX512, 32 with AVX2, pairs without vectors."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for layout in ((64, False), (32, False), (32, True)):
+        if packed.shape == (128, 32) and torch.equal(_unpack_int4(packed, *layout), codes.to(torch.uint8)):
+            return layout
+    raise InputError("quantization='int4': this PyTorch build packs int4 weights in an unknown layout; "
+                     "use quantization='int8'.")
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W stored as 4-bit codes, a scale and a zero point per group of 32 inputs."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP):
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        self.block, self.interleaved = _int4_layout()
+        if in_features % group or out_features % self.block:
+            raise InputError(f"Int4Linear needs in_features % {group} == 0 and out_features % {self.block} == 0, "
+                             f"not {in_features} and {out_features}.")
+        groups = linear.weight.detach().float().reshape(out_features, in_features // group, group)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scales = (high - low).clamp(min=1e-8) / 15
+        codes = ((groups - low) / scales).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        # the kernel computes (code - 8) * scale + zero, so zero = low + 8 * scale; layout (groups, out, 2)
+        scales_zeros = torch.cat([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+        self.bias = linear.bias
+        self.group, self.in_features, self.out_features = group, in_features, out_features
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight the kernel multiplies by: (code - 8) * scale + zero, computed in `dtype`."""
+        codes = _unpack_int4(self.weight_int4, self.block, self.interleaved).to(dtype)
+        scales_zeros = self.scales_zeros.transpose(0, 1).to(dtype)  # (out, groups, 2)
+        weight = codes.reshape(self.out_features, -1, self.group).sub_(8)
+        weight.mul_(scales_zeros[..., :1]).add_(scales_zeros[..., 1:])
+        return weight.reshape(self.out_features, self.in_features)
+
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group,
+                                                          self.scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if _kernel_applies(flat, torch.bfloat16):
+            out = self._kernel(flat)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = F.linear(flat, self.dequantized(x.dtype), self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _int4(linear: nn.Linear) -> nn.Module:
+    if linear.in_features % INT4_GROUP or linear.out_features % _int4_layout()[0]:
+        return linear  # no whole groups or row blocks: the layer keeps its dtype
+    return Int4Linear(linear)
+
+
+def _bitsandbytes(method: str) -> Callable[[nn.Linear], nn.Module]:
+    def make(linear: nn.Linear) -> nn.Module:
+        from .quantize_bnb import bnb_linear  # bitsandbytes is imported only when asked for
+
+        return bnb_linear(linear, method)
+
+    return make
+
+
+METHODS: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    "int8": Int8Linear, "int4": _int4, "bnb-int8": _bitsandbytes("int8"), "bnb-nf4": _bitsandbytes("nf4"),
+}
+
+
+def check_method(method: str | None, device: torch.device | None = None) -> None:
     if method is not None and method not in METHODS:
         raise InputError(f"quantization={method!r} is not supported; use one of {', '.join(METHODS)} or None.")
+    if method == "int4" and device is not None and device.type != "cpu":
+        raise InputError("quantization='int4' runs on CPU only; on a GPU use bnb-nf4 or bnb-int8.")
+    if method == "int4":
+        _int4_layout()  # refuses early when this build's packing is unknown
 
 
 def quantize(model: nn.Module, method: str) -> None:
@@ -57,4 +162,4 @@ def quantize(model: nn.Module, method: str) -> None:
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, Int8Linear(getattr(parent, leaf)))
+        setattr(parent, leaf, METHODS[method](getattr(parent, leaf)))
