@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..quantize import METHODS
-from .checkpoints import MODELS, build_checkpoint, decode_bytes_per_token, weight_bytes
+from .checkpoints import MODELS, build_checkpoint, weight_bytes
 from .media import make_image, make_video
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def _run(command: list[str]) -> dict:
 
 def _row(name, checkpoint, ours, ref, bandwidth) -> dict:
     weights = weight_bytes(checkpoint)
-    roofline = bandwidth / decode_bytes_per_token(checkpoint)
+    roofline = bandwidth / ours["decode_bytes"]
     row = {"model": name, "weights_gb": weights / 1e9, "roofline_tok_s": roofline, "ours": ours, "reference": ref,
            "ours_load_rss_x_weights": ours["load_peak_rss"] / weights,
            "ours_decode_roofline_fraction": ours["decode_tok_s"] / roofline}
@@ -115,6 +115,10 @@ def to_markdown(report: dict) -> str:
         line("time to first token, 16-frame video (s)", "video16_ttft_s", ".2f", speed.get("video16"))
         lines.append(f"| {row['model']} | decode / roofline ({row['roofline_tok_s']:.2f} tok/s) | "
                      f"{row['ours_decode_roofline_fraction']:.0%} | - | - |")
+        if "top1_vs_plain" in ours:
+            lines.append(f"| {row['model']} | top-1 agreement with {report['dtype']} (teacher-forced answer; "
+                         f"{report['dtype']} vs float32: {ours['top1_plain_vs_float32']:.0%}) | "
+                         f"{ours['top1_vs_plain']:.0%} | - | - |")
     return "\n".join(lines) + "\n\nTimes: lower is better; 'ours vs reference' > 1 means this project is faster.\n"
 
 

@@ -36,9 +36,6 @@ MODELS = {
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                     image_size=384, patch_size=14))),
 }
-VISION_PREFIXES = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.", "multi_modal_projector.",
-                   "model.multi_modal_projector.", "image_newline", "model.image_newline")
-
 
 def build_checkpoint(name: str, cache: Path, dtype: str) -> Path:
     """The checkpoint of `name` in `dtype`, written once into `cache` (random weights, real shapes)."""
@@ -69,14 +66,6 @@ def _convert(directory: Path, dtype: torch.dtype) -> None:
 def weight_bytes(directory: Path) -> int:
     """Bytes of all stored tensors."""
     return sum(_nbytes(info) for file in weight_files(directory) for info in read_safetensors_header(file).values())
-
-
-def decode_bytes_per_token(directory: Path) -> int:
-    """Bytes of weights one decode step reads: the language model (its lm_head or tied embedding once)."""
-    entries = {k: v for file in weight_files(directory) for k, v in read_safetensors_header(file).items()}
-    text = {k: v for k, v in entries.items() if not k.startswith(VISION_PREFIXES)}
-    has_head = any(k.endswith("lm_head.weight") for k in text)
-    return sum(_nbytes(v) for k, v in text.items() if not (has_head and k.endswith("embed_tokens.weight")))
 
 
 def _nbytes(info: dict[str, Any]) -> int:

@@ -48,10 +48,42 @@ def main() -> None:
     ttft2, _ = s.timed(lambda: pipe.generate(s.second_turn(args.image, first.text), max_new_tokens=1, **greedy))
     video = s.video_turn(args.video)
     video_ttft, _ = cold(lambda: pipe.generate(video, max_new_tokens=1, num_frames=s.VIDEO_FRAMES, **greedy))
+    agreement = {}
+    if args.quantization:  # how often the quantized model picks bf16's token, and bf16 fp32's (the noise floor)
+        answered = image + [{"role": "assistant", "content": out.text}]
+        plain = vlm.load(args.checkpoint, device="cpu", dtype=args.dtype)
+        exact = vlm.load(args.checkpoint, device="cpu", dtype="float32")
+        quantized_picks, plain_picks, exact_picks = (teacher_forced_picks(p, answered) for p in (pipe, plain, exact))
+        agreement = {"top1_vs_plain": (quantized_picks == plain_picks).float().mean().item(),
+                     "top1_plain_vs_float32": (plain_picks == exact_picks).float().mean().item()}
     s.emit({
+        **agreement,
+        "decode_bytes": decode_weight_bytes(pipe.model),
         "load_s": load_s, "load_peak_rss": load_peak, "ttft_image_s": ttft,
         "decode_tok_s": (s.NEW_TOKENS - 1) / (total - ttft), "ttft_turn2_s": ttft2, "video16_ttft_s": video_ttft,
     })
+
+
+@torch.inference_mode()
+def teacher_forced_picks(pipe, conversation) -> torch.Tensor:
+    """The model's next-token pick at each of the last NEW_TOKENS positions of `conversation` (one forward)."""
+    model, inputs = pipe.model, pipe.encode(conversation)
+    embeds = model.embed(inputs)
+    hidden = model.forward(embeds, inputs["positions"], model.new_cache(1, embeds.shape[1]),
+                           inputs["attention_mask"].bool())
+    return model.logits(hidden[:, -s.NEW_TOKENS:]).argmax(-1)
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads, as held in memory (packed or quantized): the language model's
+    tensors, without its embedding table (one row per token; a tied lm_head is counted as the head)."""
+    total = 0
+    for name, module in model.named_modules():
+        if not name.startswith(model.language_modules) or isinstance(module, torch.nn.Embedding):
+            continue
+        tensors = [*module._parameters.values(), *module._buffers.values(), getattr(module, "packed", None)]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
 
 
 if __name__ == "__main__":
