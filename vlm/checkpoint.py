@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, MissingTensorError, UnexpectedTensorError
+from .layers.linear import PackedLinear, packing_supported
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -111,15 +112,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 @lru_cache(maxsize=1)
 def _faster_cpu_dtype() -> torch.dtype:
-    """Time a matrix-vector product (the decode bottleneck) in fp32 and bf16; keep the faster."""
+    """Time a matrix-vector product (the decode bottleneck) in fp32 and bf16, run as the model would run
+    it (packed for oneDNN where supported); keep the faster."""
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
-        weight = torch.randn(2048, 2048, dtype=dtype)
+        linear = nn.Linear(2048, 2048, bias=False, dtype=dtype).requires_grad_(False)
+        layer = PackedLinear(linear) if packing_supported(dtype, torch.device("cpu")) else linear
         x = torch.randn(1, 2048, dtype=dtype)
-        torch.nn.functional.linear(x, weight)
-        start = time.perf_counter()
-        for _ in range(20):
-            torch.nn.functional.linear(x, weight)
+        with torch.inference_mode():
+            layer(x)
+            start = time.perf_counter()
+            for _ in range(20):
+                layer(x)
         timings[dtype] = time.perf_counter() - start
     return min(timings, key=timings.get)
 
