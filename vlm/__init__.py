@@ -17,8 +17,9 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
 
     Returns a ChatPipeline (chat families) or a segmentation pipeline (GroupViT). `quantization` stores the
     language model's linear weights in fewer bits: "int8" (per channel) or "int4" (CPU, groups of 32),
-    which read less memory per decoded token, or bitsandbytes' "bnb-int8" / "bnb-nf4" (GPU; on CPU they
-    save memory but decode slower). On CPU, float32/bfloat16 linears are packed for oneDNN on first use.
+    which read less memory per decoded token, or bitsandbytes' "bnb-nf4" / "bnb-int8" (nf4 also decodes
+    faster on CPUs with AVX512-BF16; bnb-int8 only saves memory there). On CPU, float32/bfloat16 linears
+    are packed for oneDNN on first use.
     """
     from .checkpoint import read_config, resolve_device, resolve_dtype
     from .families import detect_family
