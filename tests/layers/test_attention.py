@@ -1,4 +1,5 @@
-"""Decode attention (a few queries over a long cache) equals SDPA, with GQA, masks and left padding."""
+"""Decode attention (a few queries over a long cache) equals SDPA, with GQA, masks and left padding; so does
+the CPU path of unmasked (vision) attention."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlm.layers.attention import SPAN_STEP, KVCache, grouped_attention
+from vlm.layers import attention
+from vlm.layers.attention import SPAN_STEP, KVCache, full_attention, grouped_attention, segment_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
@@ -37,3 +39,24 @@ def test_grouped_attention_reads_a_strided_cache_slice():
     q = torch.randn(2, 6, 1, 8)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 16), (2, 4, 37, 8)])
+def test_full_attention_matches_sdpa_across_query_chunks(monkeypatch, shape):
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 50 and 37 queries: several chunks and a partial one
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    torch.testing.assert_close(full_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_segment_attention_keeps_segments_apart_in_bfloat16():
+    """Packed (N, H, D) segments, as the ViTs pass them; bf16 as the reference's eager path computes it."""
+    torch.manual_seed(3)
+    lengths = [30, 20]
+    q, k, v = (torch.randn(sum(lengths), 4, 16, dtype=torch.bfloat16) for _ in range(3))
+    out = segment_attention(q, k, v, lengths)
+    for segment, start in zip(lengths, (0, lengths[0])):
+        qs, ks, vs = (t[start:start + segment].transpose(0, 1) for t in (q, k, v))
+        scores = (qs @ ks.transpose(1, 2)) * 16 ** -0.5
+        eager = scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16) @ vs
+        torch.testing.assert_close(out[start:start + segment], eager.transpose(0, 1), rtol=0.02, atol=0.02)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from ...layers.attention import full_attention
 from ...layers.mlp import MLP
 
 # SiglipVisionConfig's defaults, overridden by the ones LlavaOnevisionConfig gives its vision sub-config.
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         n, length, _ = x.shape
         q, k, v = (p(x).view(n, length, self.heads, -1).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, patches, head_dim), every patch sees all
+        out = full_attention(q, k, v)  # (N, heads, patches, head_dim), every patch sees all
         return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))
 
 

@@ -94,6 +94,8 @@ def write_tiny(out_dir: Path, seed: int = 0, text: dict[str, Any] | None = None,
 def _config(text: dict[str, Any], vision: dict[str, Any], top: dict[str, Any], pinpoints: list[list[int]],
             ids: dict[str, int], vocab: int, tie: bool) -> dict[str, Any]:
     """config.json as the hub writes it (text and vision sub-configs, `torch_dtype`, `rope_theta` in text_config)."""
+    text = dict(text)
+    vocab = max(vocab, text.pop("vocab_size", vocab))  # a larger embedding than the tokenizer, as on the hub
     return {
         "architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
         "image_token_index": ids["<image>"], "video_token_index": ids["<video>"], "image_grid_pinpoints": pinpoints,
