@@ -21,9 +21,11 @@ transformers = pytest.importorskip("transformers")
 CONFIGS = {
     # GQA 4:2, tied embeddings; tiles of 32 px = 4x4 patches; last vision layer; anyres_max_9
     "gqa2": dict(seed=1),
-    # GQA 3:1, untied; tiles of 20 px = 5x5 patches (odd: pooled to 3x3); two vision layers; anyres_max_4
+    # GQA 3:1, untied, an embedding larger than the tokenizer (as on the hub); tiles of 20 px = 5x5 patches
+    # (odd: pooled to 3x3); two vision layers; anyres_max_4
     "gqa3": dict(seed=2, tie_word_embeddings=False,
-                 text=dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=160),
+                 text=dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=160,
+                           vocab_size=512),
                  vision=dict(hidden_size=24, num_attention_heads=2, image_size=20, patch_size=4),
                  top=dict(vision_feature_layer=[-3, -1], vision_aspect_ratio="anyres_max_4")),
 }
