@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from vlm.layers import attention
-from vlm.layers.attention import SPAN_STEP, KVCache, full_attention, grouped_attention, segment_attention
+from vlm.layers.attention import (SPAN_STEP, KVCache, SelfAttention, full_attention, grouped_attention,
+                                  segment_attention)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
@@ -60,3 +61,23 @@ def test_segment_attention_keeps_segments_apart_in_bfloat16():
         scores = (qs @ ks.transpose(1, 2)) * 16 ** -0.5
         eager = scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16) @ vs
         torch.testing.assert_close(out[start:start + segment], eager.transpose(0, 1), rtol=0.02, atol=0.02)
+
+
+def test_fresh_unpadded_prompt_runs_plain_causal_attention():
+    """A first prompt without padding skips the mask (SDPA's causal path); it must equal the masked path,
+    here reached by feeding the same tokens in two chunks."""
+    torch.manual_seed(4)
+    attn = SelfAttention(dim=32, heads=4, kv_heads=2, head_dim=8, layer=0).eval()
+    x, cos, sin = torch.randn(1, 20, 32), torch.randn(1, 20, 8), torch.randn(1, 20, 8)
+
+    def run(chunks):
+        cache, outs = KVCache(1, 1, 2, 8, 64, torch.float32, "cpu"), []
+        for part in torch.arange(20).split(chunks):
+            mask = cache.begin(torch.ones(1, len(part), dtype=torch.bool))
+            assert (mask is None) == (part[0] == 0)
+            outs.append(attn(x[:, part], cos[:, part], sin[:, part], cache, mask))
+            cache.commit(len(part))
+        return torch.cat(outs, dim=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(20), run(10), rtol=1e-5, atol=1e-5)

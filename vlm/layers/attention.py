@@ -28,18 +28,23 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
 
-    def begin(self, new_valid: torch.Tensor) -> torch.Tensor:
+    def begin(self, new_valid: torch.Tensor) -> torch.Tensor | None:
         """Register `new_valid` (B, L) tokens; return the boolean attention mask (B, 1, L, span).
 
         Each query sees valid keys up to itself, and always itself (so padded queries never see an
         empty row, which would turn into NaN). `span` is length + L rounded up to SPAN_STEP: the keys
         past the new tokens are masked out, and matmul shapes change once per SPAN_STEP tokens only
         (oneDNN compiles a kernel for each new shape, which costs more than the matmul itself).
+        A first prompt without padding returns None instead: plain causal attention, which SDPA runs
+        about twice as fast as with a mask (it skips the keys after each query).
         """
         start, count = self.length, new_valid.shape[1]
         if start + count > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; {start + count} requested.")
         self.valid[:, start:start + count] = new_valid
+        if start == 0 and count > DECODE_QUERIES and bool(new_valid.all()):
+            self.span = count
+            return None
         self.span = min(self.capacity, _round_up(start + count))
         keys = torch.arange(self.span, device=new_valid.device)
         queries = torch.arange(start, start + count, device=new_valid.device)
@@ -113,7 +118,7 @@ class SelfAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
@@ -121,10 +126,11 @@ class SelfAttention(nn.Module):
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotate(q, k, cos, sin)
         k, v = cache.update(self.layer, k, v)
-        if n <= DECODE_QUERIES and x.device.type == "cpu":
+        if mask is not None and n <= DECODE_QUERIES and x.device.type == "cpu":
             out = grouped_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
