@@ -41,6 +41,9 @@ def test_fused_projections_match_separate_linears(biases):
         assert len(outs) == 3
         for out, linear in zip(outs, linears):
             torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+        joined, last = PackedLinear(*linears, outputs=(2, 1))(x)
+        torch.testing.assert_close(joined, torch.cat([linears[0](x), linears[1](x)], -1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last, linears[2](x), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_and_mlp_fuse_their_projections():
@@ -56,7 +59,9 @@ def test_attention_and_mlp_fuse_their_projections():
         assert not hasattr(mlp, "gate_proj") and isinstance(mlp.gate_up_proj, PackedLinear)
         assert isinstance(attention.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)
         torch.testing.assert_close(mlp(x), expected[0], rtol=1e-5, atol=1e-5)
-        for got, want in zip(attention.project(x), expected[1]):
+        qk, v = attention.project(x)
+        assert qk.shape[-1] == (4 + 2) * 16  # queries and keys side by side, rotated together
+        for got, want in zip((qk, v), expected[1]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -105,26 +105,27 @@ class SelfAttention(nn.Module):
     def fuse_projections(self) -> None:
         """Run q, k and v as one packed matmul (see `pack_linears`) when the weights allow it."""
         if packable(self.q_proj, self.k_proj, self.v_proj):
-            self.qkv_proj = PackedLinear(self.q_proj, self.k_proj, self.v_proj)
+            self.qkv_proj = PackedLinear(self.q_proj, self.k_proj, self.v_proj, outputs=(2, 1))
             del self.q_proj, self.k_proj, self.v_proj
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries and keys side by side, values): q and k are rotated together, in one set of ops."""
         if self.qkv_proj is not None:
             return self.qkv_proj(x)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
 
-    def rotate(self, q, k, cos, sin):
-        """Apply the rotary embedding (a family with partial or interleaved rotary overrides this)."""
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply the rotary embedding to heads x (B, H, L, D) (a family with partial or interleaved rotary
+        overrides this)."""
+        return apply_rotary(x, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.project(x)
-        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = self.project(x)
+        qk = self.rotate(qk.view(b, n, self.heads + self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, k, cos, sin)
         k, v = cache.update(self.layer, k, v)
         if mask is not None and n <= DECODE_QUERIES and x.device.type == "cpu":
             out = grouped_attention(q, k, v, mask)

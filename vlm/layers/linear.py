@@ -8,6 +8,7 @@ read the same input (q/k/v, gate/up) are packed as one matrix, so a layer makes 
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -34,21 +35,24 @@ def packable(*modules: nn.Module) -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b through oneDNN, with W packed on first use (so loading stays a memory map).
 
-    Built from several linears, it runs them as one matmul and returns their outputs as a tuple.
+    Built from several linears, it runs them as one matmul and returns their outputs as a tuple; `outputs`
+    groups neighbouring linears into one output (e.g. (2, 1): q and k together, then v).
     """
 
-    def __init__(self, *linears: nn.Linear):
+    def __init__(self, *linears: nn.Linear, outputs: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features = linears[0].in_features
-        self.sizes = [linear.out_features for linear in linears]
+        bounds = [0, *itertools.accumulate(outputs or [1] * len(linears))]
+        self.sizes = [sum(linear.out_features for linear in linears[a:b]) for a, b in zip(bounds, bounds[1:])]
         self.sources = [linear.weight for linear in linears]  # released once packed
         biases = [linear.bias for linear in linears]
         if all(b is None for b in biases):
             self.bias = None
         else:
             weight = linears[0].weight
-            self.bias = nn.Parameter(torch.cat([torch.zeros(n, dtype=weight.dtype) if b is None else b.detach()
-                                                for b, n in zip(biases, self.sizes)]), requires_grad=False)
+            self.bias = nn.Parameter(torch.cat([torch.zeros(linear.out_features, dtype=weight.dtype) if b is None
+                                                else b.detach() for b, linear in zip(biases, linears)]),
+                                     requires_grad=False)
         self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:

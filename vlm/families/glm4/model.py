@@ -57,8 +57,8 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 class GlmAttention(SelfAttention):
-    def rotate(self, q, k, cos, sin):
-        return apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_partial_rotary(x, cos, sin)
 
 
 class GlmMLP(nn.Module):
