@@ -1,0 +1,28 @@
+"""`python -m vlm.bench` end to end on the tests' tiny config: both sides measured, a table and JSON written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = {"load_s", "load_peak_rss", "ttft_image_s", "decode_tok_s", "ttft_turn2_s", "video16_ttft_s"}
+
+
+def test_bench_measures_both_sides_and_writes_the_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "vlm.bench", "--models", "qwen2_vl_tiny", "--cache", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    (row,) = report["rows"]
+    assert report["bandwidth_gb_s"] > 0 and row["model"] == "qwen2_vl_tiny"
+    assert METRICS <= set(row["reference"]) and METRICS | {"decode_bytes"} <= set(row["ours"])
+    assert all(row["ours"][m] > 0 and row["reference"][m] > 0 for m in METRICS - {"load_peak_rss"})
+    assert set(row["speedup"]) == {"load", "ttft_image", "decode", "ttft_turn2", "video16"}
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| qwen2_vl_tiny | decode tokens/s (batch 1) |" in table and "decode / roofline" in table
