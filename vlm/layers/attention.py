@@ -201,12 +201,12 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """x (N, dim), cos/sin (N, head_dim), lengths: segment sizes summing to N."""
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, -1).unbind(1)  # each (N, H, D)
-        q, k = _rotate_float(q, cos, sin), _rotate_float(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
+        qkv = self.qkv(x).view(n, 3, self.heads, -1)
+        q, k = _rotate_float(qkv[:, :2], cos, sin).unbind(1)  # each (N, H, D), rotated together
+        return self.proj(segment_attention(q, k, qkv[:, 2], lengths).reshape(n, -1))
 
 
 def _rotate_float(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotary computed in float32: x (N, H, D), cos/sin (N, D)."""
-    xf = x.float()
-    return (xf * cos[:, None] + rotate_half(xf) * sin[:, None]).to(x.dtype)
+    """Half-split rotary computed in float32: x (N, 2, H, D) (queries and keys), cos/sin (N, D)."""
+    xf, cos, sin = x.float(), cos[:, None, None], sin[:, None, None]
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -11,7 +11,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "quick_gelu": lambda x: (1.702 * x).sigmoid_().mul_(x),  # x * sigmoid(1.702 x), one temporary
     "relu": F.relu,
 }
 
