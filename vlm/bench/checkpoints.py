@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,16 @@ MODELS = {
 
 def build_checkpoint(name: str, cache: Path, dtype: str) -> Path:
     """The checkpoint of `name` in `dtype`, written once into `cache` (random weights, real shapes)."""
-    target = cache / f"{name}-{dtype}"
-    if (target / ".complete").exists():
+    target, spec = cache / f"{name}-{dtype}", MODELS[name]
+    marker, stamp = target / ".complete", json.dumps(asdict(spec), sort_keys=True)
+    if marker.exists() and marker.read_text() == stamp:
         return target
-    spec = MODELS[name]
+    shutil.rmtree(target, ignore_errors=True)  # absent, unfinished, or written from another spec
     print(f"writing a random {name} checkpoint into {target} (once) ...", flush=True)
     write_tiny(spec.family, target, **spec.overrides)
     if dtype != "float32":
         _convert(target, getattr(torch, dtype))
-    (target / ".complete").touch()
+    marker.write_text(stamp)
     return target
 
 
