@@ -8,13 +8,12 @@ import torch
 from torch.nn import functional as F
 
 from vlm.layers import attention
-from vlm.layers.attention import (SPAN_STEP, KVCache, SelfAttention, full_attention, grouped_attention,
-                                  segment_attention)
+from vlm.layers.attention import SPAN_STEP, KVCache, SelfAttention, cpu_attention, segment_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
 @pytest.mark.parametrize("queries", [1, 3])
-def test_grouped_attention_matches_sdpa(heads, kv_heads, head_dim, queries):
+def test_cpu_attention_matches_sdpa_with_a_mask(heads, kv_heads, head_dim, queries):
     torch.manual_seed(0)
     batch, length = 2, 37
     q = torch.randn(batch, heads, queries, head_dim)
@@ -22,10 +21,10 @@ def test_grouped_attention_matches_sdpa(heads, kv_heads, head_dim, queries):
     mask = torch.rand(batch, 1, queries, length) > 0.3
     mask[..., -1] = True  # every query sees at least itself, as KVCache.begin guarantees
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
-    torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_attention_reads_a_strided_cache_slice():
+def test_cpu_attention_reads_a_strided_cache_slice():
     """The cache is preallocated, so keys arrive as a slice of a longer buffer."""
     torch.manual_seed(1)
     cache = KVCache(layers=1, batch=2, kv_heads=2, head_dim=8, capacity=300, dtype=torch.float32, device="cpu")
@@ -39,15 +38,17 @@ def test_grouped_attention_reads_a_strided_cache_slice():
     assert not k.is_contiguous() and k.shape[2] == mask.shape[-1] == SPAN_STEP  # 12 keys, then masked slots
     q = torch.randn(2, 6, 1, 8)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(3, 50, 16), (2, 4, 37, 8)])
-def test_full_attention_matches_sdpa_across_query_chunks(monkeypatch, shape):
-    monkeypatch.setattr(attention, "QUERY_CHUNK", 16)  # 50 and 37 queries: several chunks and a partial one
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (6, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_attention_matches_sdpa_across_query_chunks(monkeypatch, heads, kv_heads, causal):
+    monkeypatch.setattr(attention, "SCORE_ROWS", 24)  # 8-24 queries per chunk of 50: several and a partial one
     torch.manual_seed(2)
-    q, k, v = (torch.randn(shape) for _ in range(3))
-    torch.testing.assert_close(full_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    q, k, v = torch.randn(2, heads, 50, 16), torch.randn(2, kv_heads, 50, 16), torch.randn(2, kv_heads, 50, 16)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(cpu_attention(q, k, v, causal=causal), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_segment_attention_keeps_segments_apart_in_bfloat16():
