@@ -2,8 +2,8 @@
 
 Decoding reads every weight once per token, so fewer bytes per weight mean more tokens/s on a
 memory-bound CPU, and less memory. Both kernels multiply bf16 activations by quantized weights directly
-(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); prompts (many rows at once)
-dequantize and use the bf16 matmul instead.
+(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); their cost grows with the rows,
+so longer inputs (prompts) dequantize the weight once and use the bf16 matmul instead.
 
 - "int8": symmetric, one scale per output channel (error ~0.5% of a weight row).
 - "int4" (CPU only): asymmetric (scale and zero point) per group of 32 inputs, like llama.cpp's Q4_1
@@ -14,7 +14,7 @@ dequantize and use the bf16 matmul instead.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -22,12 +22,24 @@ from torch.nn import functional as F
 
 from .errors import InputError
 
-DECODE_ROWS = 8  # up to this many rows, the quantized kernels beat dequantize-then-matmul
+# Up to this many rows the kernel is faster than dequantize-then-bf16-matmul (Qwen2-VL-sized matrices,
+# 2 AVX512 cores: the crossover is at ~20-32 rows for int8, ~64-96 for int4).
+INT8_KERNEL_ROWS = 24
+INT4_KERNEL_ROWS = 64
 INT4_GROUP = 32
+CHUNK = 1 << 20  # weights quantized at a time: their float32 temporaries (4 MiB) stay in cache
 
 
-def _kernel_applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return x.shape[0] <= DECODE_ROWS and x.dtype == dtype == torch.bfloat16 and x.device.type == "cpu"
+def _kernel_applies(x: torch.Tensor, dtype: torch.dtype, max_rows: int) -> bool:
+    return x.shape[0] <= max_rows and x.dtype == dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
+def _row_chunks(weight: torch.Tensor, multiple: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, float32 copy of those rows) over `weight`, about CHUNK weights at a time, in whole `multiple`s."""
+    rows = max(1, CHUNK // weight.shape[1] // multiple) * multiple
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        yield part, weight[part].to(torch.float32, copy=True)
 
 
 class Int8Linear(nn.Module):
@@ -35,19 +47,23 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_int8", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        weight = linear.weight.detach()
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for rows, chunk in _row_chunks(weight):
+            scales[rows] = chunk.abs().amax(dim=1).clamp_(min=1e-8).div_(127.0)
+            codes[rows] = chunk.div_(scales[rows, None]).round_().clamp_(-127, 127)
+        self.register_buffer("weight_int8", codes)
+        self.register_buffer("scales", scales.to(weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight_int8.to(dtype) * self.scales[:, None].to(dtype)
+        return self.weight_int8.to(dtype).mul_(self.scales[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if _kernel_applies(flat, self.scales.dtype):
+        if _kernel_applies(flat, self.scales.dtype, INT8_KERNEL_ROWS):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales)
             out = out if self.bias is None else out + self.bias
         else:
@@ -55,14 +71,13 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def _unpack_int4(packed: torch.Tensor, block: int, interleaved: bool) -> torch.Tensor:
-    """(N, K/2) bytes packed in blocks of `block` rows, each laid out (K, block/2) -> (N, K) codes.
+def _unpack_int4_t(packed: torch.Tensor, block: int, interleaved: bool) -> torch.Tensor:
+    """(N, K/2) bytes packed in blocks of `block` rows, each laid out (K, block/2) -> (K, N) codes, transposed.
 
     A byte holds rows (j, j + block/2) of its block, or (2j, 2j + 1) when `interleaved`."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.reshape(n // block, k, block // 2).transpose(1, 2).contiguous()  # (blocks, block/2, K)
-    low, high = blocks & 15, blocks >> 4
-    return (torch.stack([low, high], 2) if interleaved else torch.cat([low, high], 1)).reshape(n, k)
+    blocks = packed.view(n // block, k, block // 2).transpose(0, 1).contiguous()  # (K, blocks, block/2)
+    return torch.stack([blocks & 15, blocks >> 4], 3 if interleaved else 2).view(k, n)
 
 
 @lru_cache(maxsize=1)
@@ -73,7 +88,7 @@ def _int4_layout() -> tuple[int, bool]:
     codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     for layout in ((64, False), (32, False), (32, True)):
-        if packed.shape == (128, 32) and torch.equal(_unpack_int4(packed, *layout), codes.to(torch.uint8)):
+        if packed.shape == (128, 32) and torch.equal(_unpack_int4_t(packed, *layout), codes.t().to(torch.uint8)):
             return layout
     raise InputError("quantization='int4': this PyTorch build packs int4 weights in an unknown layout; "
                      "use quantization='int8'.")
@@ -89,24 +104,31 @@ class Int4Linear(nn.Module):
         if in_features % group or out_features % self.block:
             raise InputError(f"Int4Linear needs in_features % {group} == 0 and out_features % {self.block} == 0, "
                              f"not {in_features} and {out_features}.")
-        groups = linear.weight.detach().float().reshape(out_features, in_features // group, group)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scales = (high - low).clamp(min=1e-8) / 15
-        codes = ((groups - low) / scales).round().clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        weight = linear.weight.detach()
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=weight.device)
         # the kernel computes (code - 8) * scale + zero, so zero = low + 8 * scale; layout (groups, out, 2)
-        scales_zeros = torch.cat([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+        scales_zeros = torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16, device=weight.device)
+        for rows, chunk in _row_chunks(weight, self.block):
+            groups = chunk.view(chunk.shape[0], -1, group)
+            low, high = groups.amin(-1), groups.amax(-1)
+            scales = (high - low).clamp_(min=1e-8).div_(15)
+            codes = groups.sub_(low[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
+            packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.view(chunk.shape).to(torch.int32), 1)
+            scales_zeros[:, rows] = torch.stack([scales, low + 8 * scales], -1).transpose(0, 1)
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
         self.bias = linear.bias
         self.group, self.in_features, self.out_features = group, in_features, out_features
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (out, in) weight the kernel multiplies by: (code - 8) * scale + zero, computed in `dtype`."""
-        codes = _unpack_int4(self.weight_int4, self.block, self.interleaved).to(dtype)
-        scales_zeros = self.scales_zeros.transpose(0, 1).to(dtype)  # (out, groups, 2)
-        weight = codes.reshape(self.out_features, -1, self.group).sub_(8)
-        weight.mul_(scales_zeros[..., :1]).add_(scales_zeros[..., 1:])
-        return weight.reshape(self.out_features, self.in_features)
+        """The (out, in) weight the kernel multiplies by, (code - 8) * scale + zero, rounded once to `dtype`;
+        a transposed view (the packing is blocked by output rows, so W^T is the cheap layout)."""
+        codes = _unpack_int4_t(self.weight_int4, self.block, self.interleaved).view(torch.int8).sub_(8).to(dtype)
+        scales_zeros = self.scales_zeros.to(dtype)
+        scales, zeros = scales_zeros[:, None, :, 0].contiguous(), scales_zeros[:, None, :, 1].contiguous()
+        weight_t = codes.view(-1, self.group, self.out_features)  # (groups, group, out)
+        return torch.addcmul(zeros, weight_t, scales, out=weight_t).view(self.in_features, self.out_features).t()
 
     def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group,
@@ -114,7 +136,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if _kernel_applies(flat, torch.bfloat16):
+        if _kernel_applies(flat, torch.bfloat16, INT4_KERNEL_ROWS):
             out = self._kernel(flat)
             out = out if self.bias is None else out + self.bias
         else:
