@@ -153,10 +153,19 @@ import ctypes, re, sys, vlm, vlm.families.qwen2_vl as family
 import vlm.checkpoint as checkpoint
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def weights_resident():  # anonymous memory + the checkpoint's mapped pages (not libraries' code pages)
+    mapped, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = len(fields) > 5 and fields[5].startswith(sys.argv[1])
+        elif inside and fields[0] == "Rss:":
+            mapped += int(fields[1]) * 1024
+    return status("RssAnon") + mapped
 measured = {}
 def load_weights(*args, **kwargs):
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    measured["before"] = status("VmRSS")
+    measured["before"], measured["resident"] = status("VmRSS"), weights_resident()
     checkpoint.load_weights(*args, **kwargs)
     measured["peak"] = status("VmHWM")
     measured["weights"] = sum(p.numel() * p.element_size() for p in args[0].parameters())
@@ -164,7 +173,7 @@ family.load_weights = load_weights
 pipe = vlm.load(sys.argv[1], dtype=sys.argv[2])
 pipe.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # CPU linears are packed on first use
 ctypes.CDLL("libc.so.6").malloc_trim(0)  # count live memory, not free heap pages kept by the allocator
-print((status("VmRSS") - measured["before"]) / measured["weights"])
+print((weights_resident() - measured["resident"]) / measured["weights"])
 print((measured["peak"] - measured["before"]) / measured["weights"])
 """
 
