@@ -33,6 +33,14 @@ def test_stream_concatenates_to_generate(pipe):
     assert out.finish_reason in ("stop", "length")
 
 
+def test_stream_deltas_count_the_tokens_and_the_first_token_sends_one(pipe):
+    out = pipe.generate(CONV, max_new_tokens=40, do_sample=False)[0]
+    deltas = list(pipe.stream(CONV, max_new_tokens=40, do_sample=False))
+    counts = [d.tokens for d in deltas]
+    assert counts[0] == 1 and counts == sorted(counts)
+    assert counts[-1] == sum(t not in pipe.stop_ids for t in out.token_ids) > 1
+
+
 def test_cancel_mid_stream_ends_the_thread(pipe):
     cancel = threading.Event()
     stream = pipe.stream(CONV, cancel=cancel, max_new_tokens=3000, repetition_penalty=1.0)

@@ -180,6 +180,7 @@ def test_stream_deltas_are_valid_text_while_generating(pipes):
     deltas = list(pipe.stream([{"role": "user", "content": "😀🎉👍 日本語"}], cancel=cancel, max_new_tokens=60,
                               do_sample=True, temperature=1.5, seed=3))
     assert deltas and all(isinstance(d, str) for d in deltas)
+    assert deltas[0].tokens == 1  # sent even when the first token is part of a character (then empty)
     for delta in deltas:
         delta.encode("utf-8")
     assert not [t for t in threading.enumerate() if t.name == "vlm-generate"]

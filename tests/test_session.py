@@ -22,17 +22,11 @@ TEXT = [{"role": "user", "content": "Tell me a story."}]
 pytestmark = pytest.mark.timeout(120)
 
 
-class FakeTokenizer:
-    def encode_plain(self, text: str) -> list[str]:
-        return text.split()
-
-
 class FakePipeline:
     """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas."""
 
     def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None):
         self.deltas, self.delay, self.fail_after = list(deltas), delay, fail_after
-        self.tokenizer = FakeTokenizer()
         self.options: dict = {}
 
     def stream(self, conversation, cancel=None, **options):
@@ -43,7 +37,7 @@ class FakePipeline:
             if cancel is not None and cancel.is_set():
                 return
             time.sleep(self.delay)
-            yield delta
+            yield Delta(delta, getattr(delta, "kind", "answer"), tokens=i + 1)  # one token per delta
 
 
 def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), load_seconds=0.0, **kwargs):

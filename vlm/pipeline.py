@@ -86,8 +86,10 @@ class ChatPipeline:
     def stream(self, conversation: Any, cancel: threading.Event | None = None, **options: Any) -> Iterator[Delta]:
         """Yield text deltas as they are generated (in a background thread).
 
-        Each delta is a `str` with a `kind`: "answer", or "thinking" for a thinking model's reasoning.
-        Setting `cancel` (or closing the iterator) stops the generation within one step.
+        Each delta is a `str` with a `kind`: "answer", or "thinking" for a thinking model's reasoning, and
+        `tokens`, the tokens generated so far. The first token always sends a delta, empty when its text is
+        not complete yet (part of a character, or a tag), so its arrival can be timed. Setting `cancel` (or
+        closing the iterator) stops the generation within one step.
         """
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
@@ -100,15 +102,26 @@ class ChatPipeline:
             detok = IncrementalDetokenizer(self.decoder)
             parser = ReasoningParser(self.thinking, opened[0]) if self.thinking else None
             split = parser.feed if parser else (lambda text: [Delta(text, ANSWER)] if text else [])
+            count = 0
+
+            def counted(deltas: list[Delta]) -> list[Delta]:
+                for delta in deltas:
+                    delta.tokens = count
+                return deltas
+
             for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event,
                                         self._processors(reasoning, opened), self.prefixes):
                 token = int(step[0])
                 if token in self.stop_ids:
                     break
-                yield from split(detok.add(token))
-            yield from split(detok.flush())
+                count += 1
+                deltas = split(detok.add(token))
+                if count == 1 and not deltas:  # announce the first token: empty, in the section it opened
+                    deltas = [Delta("", parser.kind if parser else ANSWER)]
+                yield from counted(deltas)
+            yield from counted(split(detok.flush()))
             if parser:
-                yield from parser.flush()
+                yield from counted(parser.flush())
 
         yield from run_in_thread(produce, cancel)
 

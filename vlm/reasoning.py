@@ -37,13 +37,15 @@ class ThinkingFormat:
 
 
 class Delta(str):
-    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer."""
+    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer, and
+    how many tokens the model had generated when it was sent (`tokens`)."""
 
     kind: str
+    tokens: int
 
-    def __new__(cls, text: str, kind: str = ANSWER) -> "Delta":
+    def __new__(cls, text: str, kind: str = ANSWER, tokens: int = 0) -> "Delta":
         delta = super().__new__(cls, text)
-        delta.kind = kind
+        delta.kind, delta.tokens = kind, tokens
         return delta
 
     def __repr__(self) -> str:

@@ -271,6 +271,7 @@ class Generation:
         start = time.perf_counter()
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
+        tokens = 0
         finish, error, stats = "stop", None, None
         try:
             manager.check(self._conversation, self._options)
@@ -284,13 +285,11 @@ class Generation:
                     start = time.perf_counter()
                     conversation, deltas, dropped = self._open_stream(pipeline)
                     for delta in deltas:
-                        first = first or time.perf_counter()
-                        part = "thinking" if getattr(delta, "kind", "answer") == "thinking" else "answer"
+                        first, tokens = first or time.perf_counter(), delta.tokens
+                        part = "thinking" if delta.kind == "thinking" else "answer"
                         texts[part] += delta
                         self._update(**{part: texts[part]})
-                    stats = Stats(None if first is None else first - start,
-                                  sum(count_tokens(pipeline, t) for t in texts.values()),
-                                  time.perf_counter() - start,
+                    stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
                                   visual_tokens(pipeline, conversation, self._options), dropped)
             if self._timed_out.is_set():
                 finish = "timeout"
@@ -362,11 +361,6 @@ def segmentable(image: Any) -> Any:
         raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
-
-
-def count_tokens(pipeline: Any, text: str) -> int:
-    """Tokens of generated text (re-encoded; exact for text the model would write the same way)."""
-    return len(pipeline.tokenizer.encode_plain(text)) if text else 0
 
 
 def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
