@@ -41,9 +41,10 @@ def free_port() -> int:
 
 
 def endless_qwen2_vl(directory: Path) -> Path:
-    """A tiny Qwen2-VL whose end-of-sequence id is out of its vocabulary: answers run to max_new_tokens."""
+    """A tiny Qwen2-VL whose end-of-sequence id is out of its vocabulary: answers run to max_new_tokens
+    (2048 take ~10 s here, so a streaming answer is still running when a test looks at it)."""
     vlm.tiny.write("qwen2_vl", directory, generation={"eos_token_id": [99999]},
-                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, mrope_section=[8, 12, 12]))
+                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, mrope_section=[8, 12, 12]))
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["eos_token"] = None
@@ -143,7 +144,9 @@ def wait_for_growth(page, updates: int = 4, timeout: float = 120) -> list[int]:
         if text and not text.startswith(("Loading", "Waiting", "Reading", "Finding", "Estimated")):
             lengths.append(len(text))
         page.wait_for_timeout(100)
-    assert len(set(lengths)) >= updates and lengths == sorted(lengths), lengths
+    ended = "to first token" in last_answer(page)  # the stats line of a finished answer
+    assert len(set(lengths)) >= updates, ("the answer ended before it grew" if ended else "no growth", lengths)
+    assert lengths == sorted(lengths), lengths
     return lengths
 
 
@@ -232,8 +235,9 @@ def test_closing_a_tab_cancels_only_that_users_generation(browser, server):
         page.set_default_timeout(120_000)
         open_app(page, server[0])
         set_number(page, "max-new-tokens", 2048, accordion="Sampling")
-        ask(page, "Describe the picture.", "shapes.png")
         pages.append(page)
+    for page in pages:  # both ask at once: neither answer (2048 tokens) can end while the other page is set up
+        ask(page, "Describe the picture.", "shapes.png")
     for page in pages:
         wait_for_growth(page, updates=2)
     pages[0].context.close()  # user A leaves mid-answer
