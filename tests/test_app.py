@@ -178,8 +178,10 @@ def test_a_load_failure_is_a_message_and_the_app_keeps_working(page):
 
 def test_chat_streams_and_stops(page, server):
     set_number(page, "max-new-tokens", 2048, accordion="Sampling")
+    assert page.locator("#stop").is_disabled()  # nothing to stop yet
     ask(page, "What is in this picture?", "street.png")
     wait_for_growth(page)
+    assert page.locator("#stop").is_enabled()
     page.screenshot(path=str(ARTIFACTS / "chat_streaming.png"), full_page=True)
 
     page.click("#stop")
@@ -190,6 +192,7 @@ def test_chat_streams_and_stops(page, server):
     assert last_answer(page) == stopped  # nothing more arrives
     assert server_cpu(server) < 50  # the model is idle again: its thread ended
     assert page.locator("#chat-input textarea").is_enabled()
+    page.wait_for_selector("#stop:disabled")
     page.screenshot(path=str(ARTIFACTS / "chat_stopped.png"), full_page=True)
 
 

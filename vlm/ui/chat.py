@@ -52,7 +52,7 @@ class ChatTab:
                     sources=["upload"], elem_id="chat-input",
                     placeholder="Ask about the images or the video (attach them with the clip)"))
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)  # on while answering
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")
                     clear = gr.Button("Clear", elem_id="clear")
                 gr.Examples([[{"text": text, "files": [str(ASSETS / f) for f in files]}] for text, files in EXAMPLES],
@@ -92,17 +92,18 @@ class ChatTab:
         private: dict[str, Any] = {"api_visibility": "private"}
         generating = {**private, "concurrency_id": "chat",
                       "concurrency_limit": self.manager.concurrency * len(self.families)}
-        enable = {"fn": lambda: gr.MultimodalTextbox(interactive=True), "inputs": None, "outputs": box, **private}
+        enable = {"fn": lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False)),
+                  "inputs": None, "outputs": [box, stop], **private}
 
-        sent = box.submit(self.add_turn, [box, state], [box, chatbot], **private)
+        sent = box.submit(self.add_turn, [box, state], [box, chatbot, stop], **private)
         answered = sent.success(self.respond, [state, *settings], chatbot, **generating)
         answered.then(**enable)
-        retried = regenerate.click(self.retry, state, [box, chatbot], **private)
+        retried = regenerate.click(self.retry, state, [box, chatbot, stop], **private)
         reanswered = retried.success(self.respond, [state, *settings], chatbot, **generating)
         reanswered.then(**enable)
         stop.click(self.stop, state, None, queue=False, **private)
         for clearing in (clear.click, chatbot.clear):
-            clearing(self.clear, state, [box, chatbot], cancels=[answered, reanswered], queue=False, **private)
+            clearing(self.clear, state, [box, chatbot, stop], cancels=[answered, reanswered], queue=False, **private)
 
         loading = {"fn": self.load_model, "inputs": [family, checkpoint], "outputs": [status, *defaults],
                    "concurrency_limit": None, **private}
@@ -116,7 +117,7 @@ class ChatTab:
 
     # ------------------------------------------------------------------------------------------ events
     def add_turn(self, message: dict[str, Any] | None, state: ChatState):
-        """Append the user's message (text and files) to the chat and lock the input box."""
+        """Append the user's message (text and files) to the chat, lock the input box and enable Stop."""
         if state.busy:
             raise gr.Error("An answer is still being written; press Stop first.")
         try:
@@ -125,7 +126,7 @@ class ChatTab:
             raise gr.Error(str(exc)) from None
         state.shown += shown
         state.turns.append(Turn(user, shown_at=len(state.shown)))
-        return gr.MultimodalTextbox(value=None, interactive=False), list(state.shown)
+        return gr.MultimodalTextbox(value=None, interactive=False), list(state.shown), gr.Button(interactive=True)
 
     def retry(self, state: ChatState):
         """Forget the last answer so `respond` writes it again."""
@@ -135,7 +136,7 @@ class ChatTab:
             raise gr.Error("Nothing to regenerate yet: ask a question first.")
         state.turns[-1].answer = None
         del state.shown[state.turns[-1].shown_at:]
-        return gr.MultimodalTextbox(interactive=False), list(state.shown)
+        return gr.MultimodalTextbox(interactive=False), list(state.shown), gr.Button(interactive=True)
 
     def respond(self, state: ChatState, family: str, checkpoint: str, system: str, *settings: Any):
         """Stream the answer to the last turn into the chat (thinking, answer, stats, boxes, or the error)."""
@@ -164,7 +165,7 @@ class ChatTab:
         state.cancel.set()
         state.turns.clear()
         state.shown.clear()
-        return gr.MultimodalTextbox(value=None, interactive=True), []
+        return gr.MultimodalTextbox(value=None, interactive=True), [], gr.Button(interactive=False)
 
     def checkpoints(self, family: str):
         return gr.Dropdown(choices=self.catalog.choices(family), value=self.catalog.default(family))
