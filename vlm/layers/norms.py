@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as Llama/Qwen2 do (one fused kernel for the float32 part)."""
+    """Root-mean-square norm computed in float32, as Llama/Qwen2 do (bit-equal to their eager code)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
