@@ -123,8 +123,13 @@ def set_number(page, elem_id: str, value: float, accordion: str | None = None) -
     if accordion and not page.locator(f"#{elem_id}").is_visible():
         page.get_by_text(accordion, exact=True).click()
     field = page.locator(f"#{elem_id} input[type=number]")
-    field.fill(str(value))
-    field.press("Enter")
+    for _ in range(5):  # a slider its accordion has just shown can still take its stored value (~1 in 3)
+        field.fill(str(value))
+        field.press("Enter")
+        page.wait_for_timeout(500)
+        if field.input_value() == str(value):
+            return
+    raise AssertionError(f"#{elem_id} did not keep {value}: {field.input_value()}")
 
 
 def ask(page, question: str, *files: str) -> None:
