@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .boxes import Box, FrameRule, parse_boxes, relative_frame
 from .caching import PrefixPool
 from .conversation import is_batch, normalize
 from .errors import ContextLengthError, InputError
@@ -26,14 +27,17 @@ class ChatPipeline:
     Thinking families pass `thinking` (their reasoning tags): outputs then carry the reasoning
     apart from the answer, stream deltas are `reasoning.Delta`s with a `kind`, earlier turns'
     reasoning is dropped from the prompt, and `thinking_budget` / `enable_thinking` are accepted.
-    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws).
+    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws); `box_frame` gives
+    what the family's box numbers are measured in for an image of a given size (see `vlm.boxes`).
     """
 
     def __init__(self, family: str, model: torch.nn.Module, tokenizer: Tokenizer,
                  build_inputs: Callable[..., dict[str, Any]], generation_config: dict[str, Any],
                  device: torch.device, directory: Path, max_context: int,
-                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = ()):
+                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = (),
+                 box_frame: FrameRule = relative_frame):
         self.family = family
+        self.box_frame = box_frame
         self.thinking = thinking
         self.markup = tuple(markup)
         self.decoder = _MarkupDecoder(tokenizer, (*(thinking.tags if thinking else ()), *markup))
@@ -124,6 +128,11 @@ class ChatPipeline:
                 yield from counted(parser.flush())
 
         yield from run_in_thread(produce, cancel)
+
+    def boxes(self, text: str, image_size: tuple[int, int], **media_options: Any) -> list[Box]:
+        """The boxes and points of an answer about an image of `image_size` (width, height), as fractions of
+        it; `media_options` as the request's (`max_pixels` changes the frame of pixel coordinates)."""
+        return parse_boxes(text, self.box_frame(*image_size, **media_options))
 
     def clear_caches(self) -> None:
         """Forget reusable KV caches and vision features (memory pressure, or to time a cold request)."""
