@@ -116,7 +116,8 @@ def _json_box(body: str, span: tuple[int, int], frame: tuple[float, float]) -> l
     if _numbers(point, 2):
         x, y = (float(v) for v in point)
         width, height = frame
-        return [Box(x / width, y / height, x / width, y / height, label, *span)] if 0 <= x <= width and 0 <= y <= height else []
+        if 0 <= x <= width and 0 <= y <= height:
+            return [Box(x / width, y / height, x / width, y / height, label, *span)]
     return []
 
 

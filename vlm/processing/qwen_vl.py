@@ -220,10 +220,9 @@ class QwenVLInputs:
         """Each image/video placeholder replaced by one token per merged patch; the types and vision runs."""
         image_runs = [self._run(grid) for grid in (images[1] if images else [])]
         video_runs = [self._run(grid[0], sample) for _, grid, sample in videos]
-        placeholders = [
-            Placeholder("image", self.ids.image, [repeated(self.ids.image, IMAGE, r.t * r.h * r.w) for r in image_runs]),
-            Placeholder("video", self.ids.video, [repeated(self.ids.video, VIDEO, r.t * r.h * r.w) for r in video_runs]),
-        ]
+        placeholders = [Placeholder(name, token, [repeated(token, kind, r.t * r.h * r.w) for r in runs])
+                        for name, token, kind, runs in (("image", self.ids.image, IMAGE, image_runs),
+                                                        ("video", self.ids.video, VIDEO, video_runs))]
         expanded, types = expand_placeholders(ids, placeholders)
         queues = {self.ids.image: iter(image_runs), self.ids.video: iter(video_runs)}
         return expanded, types, [next(queues[token]) for token in ids if token in queues]
