@@ -161,7 +161,7 @@ class QwenVLInputs:
     """
 
     def __init__(self, tokenizer: Tokenizer, settings: VisionSettings, ids: TokenIds,
-                 tokens_per_second: float | None = None):
+                 tokens_per_second: int | None = None):
         self.tokenizer, self.settings, self.ids = tokenizer, settings, ids
         self.tokens_per_second = tokens_per_second
 

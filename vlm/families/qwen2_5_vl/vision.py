@@ -30,7 +30,7 @@ class VisionConfig:
     spatial_merge_size: int = 2
     window_size: int = 112  # pixels per window side
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
-    tokens_per_second: float = 4  # temporal positions per second of video (the reference's default)
+    tokens_per_second: int = 4  # temporal positions per second of video (the reference's default)
     in_channels: int = 3
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
