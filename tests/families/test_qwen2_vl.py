@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import assert_same_greedy, original_text_after_video, reference_greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,6 +45,7 @@ def ours(checkpoint):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    original_text_after_video(model)  # the trained models' rule for the text after a video
     processor = transformers.AutoProcessor.from_pretrained(checkpoint)
     processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     return model, processor
@@ -143,9 +144,29 @@ def test_video(ours, reference, media_dir, pancake_frames, sampling):
     assert our_inputs["video_grid_thw"].tolist() == ref_inputs["video_grid_thw"].tolist()
     assert our_inputs["input_ids"].tolist() == ref_inputs["input_ids"].tolist()
     torch.testing.assert_close(our_inputs["pixel_values_videos"], ref_inputs["pixel_values_videos"], atol=1e-5, rtol=0)
+    rope_args = (ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"], None, ref_inputs["video_grid_thw"])
+    assert torch.equal(our_inputs["positions"], model.model.get_rope_index(*rope_args)[0])
     theirs, gaps = reference_greedy(model, ref_inputs, STEPS, repetition_penalty=1.0)
     ours_out = ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0, **sampling)[0]
     assert_same_greedy(ours_out.token_ids, theirs[0], gaps[0], ours.stop_ids)
+
+
+def test_text_after_a_video_starts_after_its_last_frame_group(checkpoint, ours, media_dir):
+    """At 2 fps the clip has 10 frame groups over a grid at most 7 merged tokens wide: the original rule (text at
+    the largest position + 1) and the pinned reference's (at start + max(h, w) / merge) part here."""
+    conv = [{"role": "user", "content": [{"type": "video", "path": f"{media_dir}/video/flipping_a_pancake.mkv"},
+                                         {"type": "text", "text": "What happens?"}]}]
+    inputs = ours.encode(conv)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    merge = ours.build_inputs.settings.merge_size
+    assert t - 1 > max(h, w) // merge
+    video = inputs["input_ids"][0] == ours.model.video_token_id
+    after = int(video.nonzero().max()) + 1
+    assert inputs["positions"][:, 0, after].tolist() == [int(inputs["positions"][:, 0, video].max()) + 1] * 3
+    unpatched = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    types = video.long()[None] * 2
+    positions, _ = unpatched.model.get_rope_index(inputs["input_ids"], types, None, inputs["video_grid_thw"])
+    assert not torch.equal(positions, inputs["positions"])
 
 
 def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, media_dir, tmp_path):
