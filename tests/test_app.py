@@ -352,3 +352,34 @@ def test_turns_render_thinking_stats_errors_and_boxes():
     boxed = draw_boxes("<|begin_of_box|>[406, 500, 625, 792]<|end_of_box|>", image)
     assert boxed.size == (640, 480) and boxed.getpixel((260, 240)) != (30, 136, 229)  # the square's edge is drawn
     assert draw_boxes("no boxes here", image) is None
+    half = draw_boxes('[{"bbox_2d": [10, 10, 100, 100], "label": "cat"}, {"point_2d": [250, 200]}]', image,
+                      lambda width, height: (width / 2, height / 2))  # pixels of the image resized to half
+    orange, sky = (230, 159, 0), (86, 180, 233)  # the palette's first two colours
+    assert half.getpixel((22, 24)) == orange  # the label's background at the box's corner (20, 20)
+    assert half.getpixel((200, 120)) == orange and half.getpixel((500, 400)) == sky  # right edge; the point
+
+
+def test_boxes_are_drawn_in_the_familys_coordinates(tmp_path, monkeypatch):
+    """Qwen2.5-VL's boxes are pixels of the image as its processor resized it (with the request's max_pixels):
+    the chat draws them at the same place of the original picture."""
+    from vlm.session import SessionManager, Snapshot
+    from vlm.ui import chat
+    from vlm.ui.turns import ChatState, Turn, draw_boxes, user_turn
+
+    drawn = []  # what the chat shows, before Gradio stores it (lossily)
+    monkeypatch.setattr(chat, "draw_boxes", lambda *args: drawn.append(draw_boxes(*args)) or drawn[-1])
+
+    manager = SessionManager(dtype="float32")
+    source = str(vlm.tiny.write("qwen2_5_vl", tmp_path / "qwen2_5_vl"))
+    pipe = manager.get("qwen2_5_vl", source)
+    image = str(ROOT / "assets" / "shapes.png")  # 640x480
+    state = ChatState()
+    state.turns.append(Turn(user_turn("Where?", [image])[0], 0))
+    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"])
+    frames = [pipe.box_frame(640, 480, max_pixels=max_pixels) for max_pixels in (None, 28 * 28 * 16)]
+    assert frames[0] != frames[1] and (640, 480) not in frames
+    for max_pixels, (width, height) in zip((None, 28 * 28 * 16), frames):
+        answer = f'```json\n[{{"bbox_2d": [0, 0, {width // 2}, {height}], "label": "left"}}]\n```'
+        assert len(tab.boxes(Snapshot(1, "", "", answer, done=True), state, "qwen2_5_vl", {"max_pixels": max_pixels}))
+        assert drawn[-1].getpixel((320, 240)) == (230, 159, 0)  # the left half's right edge, at x = 320
+    assert tab.boxes(Snapshot(1, "", "", "none", done=True), state, "qwen2_5_vl", {}) == ()

@@ -19,7 +19,7 @@ from vlm.errors import ContextLengthError, InputError
 from vlm.session import Limits, SessionManager
 from vlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
-CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4")
 
 pytestmark = pytest.mark.timeout(300)
 

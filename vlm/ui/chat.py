@@ -6,13 +6,14 @@ models are shared through the SessionManager. Also registers the `/chat` API end
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
-from ..boxes import strip_markup
+from ..boxes import relative_frame, strip_markup
 from ..errors import VLMError
 from ..session import SessionManager, Snapshot, format_bytes
 from .checkpoints import Catalog, is_tiny, label
@@ -153,7 +154,7 @@ class ChatTab:
                     yield state.shown + answer_messages(snap)
                     continue
                 turn.answer = None if snap.error else snap.answer
-                state.shown += answer_messages(snap, self.boxes(snap, state))
+                state.shown += answer_messages(snap, self.boxes(snap, state, family, request_options(*settings)))
                 yield list(state.shown)
         finally:
             state.busy = False
@@ -235,10 +236,16 @@ class ChatTab:
             generation.cancel()
             generation.join()
 
-    def boxes(self, snap: Snapshot, state: ChatState) -> tuple[gr.Image, ...]:
-        """The last image of the chat with the answer's boxes drawn, if the answer has boxes."""
+    def boxes(self, snap: Snapshot, state: ChatState, family: str, options: dict[str, Any]) -> tuple[gr.Image, ...]:
+        """The last image of the chat with the answer's boxes drawn, if the answer has boxes (in the family's
+        coordinates: Qwen2.5-VL's are pixels of the image as resized with the request's `max_pixels`)."""
         images = state.images()
-        drawn = draw_boxes(snap.answer, images[-1]) if images and snap.error is None else None
+        if not images or snap.error is not None:
+            return ()
+        loaded = self.manager.loaded().get(family)
+        frame = getattr(loaded.pipeline, "box_frame", relative_frame) if loaded else relative_frame
+        media = {k: options[k] for k in ("min_pixels", "max_pixels") if options.get(k)}
+        drawn = draw_boxes(snap.answer, images[-1], functools.partial(frame, **media))
         return (gr.Image(drawn, label="Boxes in the answer"),) if drawn is not None else ()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..boxes import parse_boxes, strip_markup
+from ..boxes import FrameRule, parse_boxes, relative_frame, strip_markup
 from ..errors import InputError, VLMError
 from ..media import load_image
 from ..session import Snapshot, Stats
@@ -126,19 +126,28 @@ def error_text(exc: BaseException) -> str:
     return _DIRECTORIES.sub("", text)
 
 
-def draw_boxes(answer: str, image_path: str) -> Image.Image | None:
-    """The image with the answer's boxes (and their labels) drawn; None when the answer has no box."""
-    boxes = parse_boxes(answer)
+def draw_boxes(answer: str, image_path: str, frame: FrameRule = relative_frame) -> Image.Image | None:
+    """The image with the answer's boxes and points (and their labels) drawn; None when the answer has none.
+
+    `frame` gives what the answer's numbers are measured in for an image of this size (a pipeline's
+    `box_frame`: a 0..1000 grid, or Qwen2.5-VL's pixels of the resized image).
+    """
+    image = load_image(image_path)
+    boxes = parse_boxes(answer, frame(*image.size))
     if not boxes:
         return None
-    image = load_image(image_path)
     draw = ImageDraw.Draw(image)
     width = max(2, round(min(image.size) / 150))
     font = ImageFont.load_default(size=max(12, round(min(image.size) / 30)))
     for i, box in enumerate(boxes):
         color = PALETTE[i % len(PALETTE)]
         left, top, right, bottom = box.pixels(*image.size)
-        draw.rectangle([left, top, right, bottom], outline=color, width=width)
+        if box.is_point:
+            radius = 2 * width
+            draw.ellipse([left - radius, top - radius, left + radius, top + radius], fill=color, outline="white")
+            left, top = left + radius, top + radius
+        else:
+            draw.rectangle([left, top, right, bottom], outline=color, width=width)
         if box.label:
             x0, y0, x1, y1 = draw.textbbox((left, top), box.label, font=font)
             draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], fill=color)
