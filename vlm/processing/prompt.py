@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from ..conversation import left_pad
 from ..errors import InputError
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # token types, as the reference's mm_token_type_ids
@@ -98,3 +99,33 @@ def mrope_positions(width: int, kinds: list[list[int]],
         positions[:, row, width - row_positions.shape[1]:] = row_positions
         next_position[row] = row_positions.max() + 1
     return positions, next_position
+
+
+Row = tuple[list[int], list[int], list[VisionRun], Any, list[Any]]  # ids, types, runs, image part, video parts
+
+
+def batch_inputs(conversations: list[list[dict]], encode: Callable[[list[dict]], Row], pad: int) -> dict[str, Any]:
+    """A left-padded batch of conversations, each encoded by `encode` into its ids, their types, its vision
+    runs, its images' (pixel_values, grid_thw) or None, and its videos' (pixel_values, grid_thw, sample).
+
+    Returns input_ids, attention_mask, mm_token_type_ids, each kind's pixels and grids, positions and
+    next_position.
+    """
+    rows, kinds, runs, images, videos = [], [], [], [], []
+    for messages in conversations:
+        ids, types, row_runs, image_part, video_parts = encode(messages)
+        rows.append(ids)
+        kinds.append(types)
+        runs.append(row_runs)
+        images += [image_part] if image_part else []
+        videos += video_parts
+    input_ids, attention_mask = left_pad(rows, pad)
+    out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                           "mm_token_type_ids": left_pad(kinds, TEXT)[0]}
+    for parts, pixels, grid in ((images, "pixel_values", "image_grid_thw"),
+                                (videos, "pixel_values_videos", "video_grid_thw")):
+        if parts:
+            out[pixels] = torch.cat([part[0] for part in parts])
+            out[grid] = torch.cat([part[1] for part in parts])
+    out["positions"], out["next_position"] = mrope_positions(input_ids.shape[1], kinds, runs)
+    return out

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 
 from ..checkpoint import read_processor_configs
-from ..conversation import left_pad, media_items, template_view
+from ..conversation import media_items, template_view
 from ..errors import InputError
 from ..media import VideoSample, load_image, probe_video, read_frames, sample_frames_bounded
 from ..pipeline import pad_id
 from ..tokenizer import Tokenizer
 from .images import PatchSettings, frame_rows, image_rows, smart_resize
-from .prompt import IMAGE, VIDEO, Placeholder, VisionRun, expand_placeholders, mrope_positions, repeated
+from .prompt import IMAGE, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders, repeated
 
 # Frames per second sampled from a video when neither the call nor the checkpoint says (the reference's
 # sampling default, as qwen-vl-utils uses it); the reference without sampling would keep every frame.
@@ -167,31 +167,21 @@ class QwenVLInputs:
 
     def __call__(self, conversations: list[list[dict]], add_generation_prompt: bool = True,
                  **media_options: Any) -> dict[str, Any]:
-        rows, kinds, runs, images, videos = [], [], [], [], []
-        for messages in conversations:
+        seconds: list[float] = []  # per video, in order
+
+        def encode(messages: list[dict]) -> Row:
             ids = self.tokenizer.encode_chat(template_view(messages), add_generation_prompt=add_generation_prompt)
-            row_images, row_videos = self._vision(messages, media_options)
-            ids, types, row_runs = self._expand(ids, row_images, row_videos)
-            rows.append(ids)
-            kinds.append(types)
-            runs.append(row_runs)
-            images += [row_images] if row_images else []
-            videos += row_videos
-        input_ids, attention_mask = left_pad(rows, self.ids.pad)
-        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if images:
-            out["pixel_values"] = torch.cat([pv for pv, _ in images])
-            out["image_grid_thw"] = torch.cat([g for _, g in images])
-        if videos:
-            out["pixel_values_videos"] = torch.cat([pv for pv, _, _ in videos])
-            out["video_grid_thw"] = torch.cat([g for _, g, _ in videos])
-            if self.tokens_per_second is not None:
-                out["second_per_grid_ts"] = torch.tensor([self._seconds(sample) for _, _, sample in videos])
-        out["positions"], out["next_position"] = mrope_positions(input_ids.shape[1], kinds, runs)
+            images, videos = self._vision(messages, media_options)
+            seconds.extend(self._seconds(sample) for _, _, sample in videos)
+            return *self._expand(ids, images, videos), images, videos
+
+        out = batch_inputs(conversations, encode, self.ids.pad)
+        if seconds and self.tokens_per_second is not None:
+            out["second_per_grid_ts"] = torch.tensor(seconds)
         return out
 
     def resized_size(self, width: int, height: int, **media_options: Any) -> tuple[int, int]:
-        """The (width, height) an image of this size is shown to the model at (Qwen2.5-VL's boxes are in its pixels)."""
+        """The (width, height) an image of this size is shown to the model at (Qwen2.5-VL boxes are in its pixels)."""
         bounds = {k: media_options.get(k) for k in ("min_pixels", "max_pixels")}
         h, w = resized_size(height, width, self.settings, **bounds)
         return w, h

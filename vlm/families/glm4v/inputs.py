@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ...conversation import left_pad, media_items, template_view
+from ...conversation import media_items, template_view
 from ...media import VideoSample, load_image
-from ...processing.prompt import (IMAGE, TEXT, VIDEO, Placeholder, VisionRun, expand_placeholders, mrope_positions,
+from ...processing.prompt import (IMAGE, TEXT, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders,
                                   repeated)
 from ...tokenizer import Tokenizer
 from .processor import VisionSettings, preprocess_images, preprocess_video
@@ -34,28 +34,13 @@ class Glm4vInputs:
 
     def __call__(self, conversations: list[list[dict]], add_generation_prompt: bool = True,
                  template_vars: dict[str, Any] | None = None, **media_options: Any) -> dict[str, Any]:
-        rows, kinds, runs, images, videos = [], [], [], [], []
-        for messages in conversations:
+        def encode(messages: list[dict]) -> Row:
             ids = self.tokenizer.encode_chat(template_view(messages), add_generation_prompt=add_generation_prompt,
                                              **(template_vars or {}))
-            row_images, row_videos = self._vision(messages, media_options)
-            ids, types, row_runs = self._expand(ids, row_images[1] if row_images else [], row_videos)
-            rows.append(ids)
-            kinds.append(types)
-            runs.append(row_runs)
-            images += [row_images] if row_images else []
-            videos += row_videos
-        input_ids, attention_mask = left_pad(rows, self.ids.pad)
-        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                               "mm_token_type_ids": left_pad(kinds, TEXT)[0]}
-        if images:
-            out["pixel_values"] = torch.cat([pv for pv, _ in images])
-            out["image_grid_thw"] = torch.cat([g for _, g in images])
-        if videos:
-            out["pixel_values_videos"] = torch.cat([pv for pv, _, _ in videos])
-            out["video_grid_thw"] = torch.cat([g for _, g, _ in videos])
-        out["positions"], out["next_position"] = mrope_positions(input_ids.shape[1], kinds, runs)
-        return out
+            images, videos = self._vision(messages, media_options)
+            return *self._expand(ids, images[1] if images else [], videos), images, videos
+
+        return batch_inputs(conversations, encode, self.ids.pad)
 
     def _vision(self, messages, options):
         media = media_items(messages)
