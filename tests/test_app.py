@@ -181,6 +181,18 @@ def test_a_load_failure_is_a_message_and_the_app_keeps_working(page):
     page.wait_for_selector("#chatbot :text('visual tokens')")
 
 
+def test_qwen2_5_vl_is_offered_and_answers_offline(page):
+    page.click("#family input")
+    page.get_by_role("option", name="qwen2_5_vl").click()
+    page.wait_for_selector("#model-status:has-text('qwen2_5_vl ready')")
+    assert "tiny random (qwen2_5_vl)" in page.locator("#model-status").inner_text()
+    set_number(page, "max-new-tokens", 3, accordion="Sampling")
+    ask(page, "Where is the red square?", "shapes.png")
+    page.wait_for_selector("#chatbot :text('visual tokens')")
+    assert int(last_answer(page).split(" visual tokens")[0].rsplit("· ", 1)[-1]) > 0
+    page.screenshot(path=str(ARTIFACTS / "chat_qwen2_5_vl.png"), full_page=True)
+
+
 def test_chat_streams_and_stops(page, server):
     set_number(page, "max-new-tokens", 2048, accordion="Sampling")
     assert page.locator("#stop").is_disabled()  # nothing to stop yet
@@ -305,6 +317,7 @@ def test_settings_and_checkpoints_without_hub(tmp_path):
     catalog = Catalog.discover(settings)
     assert not catalog.hub_reachable  # VLM_TINY: the hub is not even asked
     assert catalog.default("glm4v") == "/m/glm" and catalog.default("qwen2_vl") == "tiny:qwen2_vl"
+    assert catalog.default("qwen2_5_vl") == "tiny:qwen2_5_vl"
     assert set(catalog.tiny_families()) == set(FAMILIES) - {"glm4v"}
     assert "answers are random" in catalog.banner() and "VLM_MODEL_" in catalog.banner()
     with pytest.raises(vlm.errors.ModelNotFoundError, match="VLM_CUSTOM_CHECKPOINTS"):
