@@ -8,6 +8,7 @@ corrected to the original one (`tests.parity.original_text_after_video`).
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import av
@@ -132,6 +133,21 @@ def test_windows_differ_from_full_attention(ours, media_dir):
     cfg = ours.model.visual.cfg
     order, windows = window_order(grid, cfg.spatial_merge_size, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size)
     assert len(windows) > 1 and sum(windows) == int(grid.prod()) and sorted(order.tolist()) == list(range(len(order)))
+
+
+@pytest.mark.parametrize("window_size, patch, merge", [(112, 14, 2), (56, 14, 2), (96, 8, 3), (112, 16, 2)])
+def test_window_order_matches_the_reference(window_size, patch, merge):
+    """Windows cut per frame group, edges smaller, sizes that are and are not multiples of the window."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from vlm.families.qwen2_5_vl.vision import window_order
+
+    m = merge
+    grid = torch.tensor([[1, 16 * m // 2, 16 * m // 2], [2, 6 * m, 10 * m], [1, m, m], [3, 8 * m, 4 * m], [1, 5 * m, m]])
+    order, windows = window_order(grid, m, window_size // m // patch)
+    ref_order, ref_bounds = get_vision_window_index(grid, m, window_size, patch)
+    assert torch.equal(order, ref_order)
+    assert [0, *itertools.accumulate(windows)] == ref_bounds.tolist()
 
 
 def test_two_images_of_different_sizes(ours, reference, media_dir):

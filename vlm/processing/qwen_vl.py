@@ -154,7 +154,8 @@ def token_ids(config: dict[str, Any], tokenizer: Tokenizer, generation: dict[str
 
 
 class QwenVLInputs:
-    """Builds `input_ids`, `attention_mask`, `positions`, `next_position` and vision tensors for a batch.
+    """Builds `input_ids`, `attention_mask`, `mm_token_type_ids`, vision tensors, `positions` (3, B, L) and
+    `next_position` for a left-padded batch.
 
     `tokens_per_second` (Qwen2.5-VL) spaces a video's temporal positions by time and adds
     `second_per_grid_ts` (seconds per frame group of each video) to the inputs; None (Qwen2-VL) steps by 1.
