@@ -158,7 +158,7 @@ def test_two_images_of_different_sizes(ours, reference, media_dir):
 
 
 def test_small_image_in_one_window(ours, reference, media_dir, tmp_path):
-    """An image no larger than one window (the others span several)."""
+    """A small image: 2x3 merged tokens, one window in the win3 and merge3 configs, two in win2."""
     small = tmp_path / "small.png"
     Image.open(f"{media_dir}/coco.jpg").convert("RGB").resize((40, 30)).save(small)
     _check(ours, reference, [image_conv([str(small)])])
