@@ -40,6 +40,21 @@ def image_conv(paths, text: str = "What is in the picture?") -> list[dict]:
     return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths), {"type": "text", "text": text}]}]
 
 
+def multi_turn_conv(media: str) -> list[dict]:
+    """An image question, its answer, and a follow-up with another image (files of ../shared/media)."""
+    return image_conv([f"{media}/llava_v1_5_radar.jpg"], "What chart is this?") + [
+        {"role": "assistant", "content": "A radar chart of benchmark scores."},
+        {"role": "user", "content": [{"type": "image", "path": f"{media}/voc.jpg"},
+                                     {"type": "text", "text": "And this one?"}]},
+    ]
+
+
+def padded_batch(media: str) -> list[list[dict]]:
+    """A text-only conversation and a two-image one: the first row is left-padded."""
+    return [[{"role": "user", "content": "Hi"}],
+            image_conv([f"{media}/ctx.jpg", f"{media}/extreme_ironing.jpg"], "Describe both pictures in detail.")]
+
+
 def opened(conversation: list[dict]) -> list[dict]:
     """The conversation as the model cards pass it to the reference: image paths opened as PIL images."""
     from PIL import Image

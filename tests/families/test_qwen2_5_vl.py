@@ -19,7 +19,8 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, image_conv, opened, original_text_after_video, reference_greedy
+from tests.parity import (assert_same_greedy, image_conv, multi_turn_conv, opened, original_text_after_video,
+                          padded_batch, reference_greedy)
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,18 +166,11 @@ def test_small_image_in_one_window(ours, reference, media_dir, tmp_path):
 
 
 def test_multi_turn(ours, reference, media_dir):
-    conv = image_conv([f"{media_dir}/llava_v1_5_radar.jpg"], "What chart is this?") + [
-        {"role": "assistant", "content": "A radar chart of benchmark scores."},
-        {"role": "user", "content": [{"type": "image", "path": f"{media_dir}/voc.jpg"},
-                                     {"type": "text", "text": "And this one?"}]},
-    ]
-    _check(ours, reference, [conv])
+    _check(ours, reference, [multi_turn_conv(media_dir)])
 
 
 def test_left_padded_batch(ours, reference, media_dir):
-    short = [{"role": "user", "content": "Hi"}]
-    long = image_conv([f"{media_dir}/ctx.jpg", f"{media_dir}/extreme_ironing.jpg"], "Describe both pictures in detail.")
-    _check(ours, reference, [short, long])
+    _check(ours, reference, padded_batch(media_dir))
 
 
 def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):

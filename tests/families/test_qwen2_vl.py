@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, original_text_after_video, reference_greedy
+from tests.parity import (assert_same_greedy, image_conv, multi_turn_conv, opened, original_text_after_video,
+                          padded_batch, reference_greedy)
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,16 +52,8 @@ def reference(checkpoint):
     return model, processor
 
 
-def _image_conv(paths, text="What is in the picture?"):
-    return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths), {"type": "text", "text": text}]}]
-
-
 def _reference_inputs(processor, conversations, **kwargs):
     """Reference processor inputs; image paths are opened as PIL images (as the model card does)."""
-    def opened(conv):
-        return [{**m, "content": m["content"] if isinstance(m["content"], str) else [
-            {"type": "image", "image": Image.open(p["path"])} if p["type"] == "image" else p for p in m["content"]]}
-            for m in conv]
     processor.tokenizer.padding_side = "left"
     return processor.apply_chat_template([opened(c) for c in conversations], add_generation_prompt=True,
                                          tokenize=True, return_dict=True, return_tensors="pt",
@@ -83,27 +76,20 @@ def _check(ours, reference, conversations):
 
 
 def test_one_image(ours, reference, media_dir):
-    _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+    _check(ours, reference, [image_conv([f"{media_dir}/extreme_ironing.jpg"])])
 
 
 def test_two_images(ours, reference, media_dir):
-    _check(ours, reference, [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"], "Compare them.")])
+    _check(ours, reference, [image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"], "Compare them.")])
 
 
 def test_multi_turn(ours, reference, media_dir):
-    conv = _image_conv([f"{media_dir}/llava_v1_5_radar.jpg"], "What chart is this?") + [
-        {"role": "assistant", "content": "A radar chart of benchmark scores."},
-        {"role": "user", "content": [{"type": "image", "path": f"{media_dir}/voc.jpg"},
-                                     {"type": "text", "text": "And this one?"}]},
-    ]
-    _check(ours, reference, [conv])
+    _check(ours, reference, [multi_turn_conv(media_dir)])
 
 
 def test_left_padded_batch(ours, reference, media_dir):
-    short = [{"role": "user", "content": "Hi"}]
-    long = _image_conv([f"{media_dir}/ctx.jpg", f"{media_dir}/extreme_ironing.jpg"], "Describe both pictures in detail.")
-    _check(ours, reference, [short, long])
-    _check(ours, reference, [_image_conv([f"{media_dir}/coco.jpg"]), _image_conv([f"{media_dir}/waterview.jpg"], "Hm?")])
+    _check(ours, reference, padded_batch(media_dir))
+    _check(ours, reference, [image_conv([f"{media_dir}/coco.jpg"]), image_conv([f"{media_dir}/waterview.jpg"], "Hm?")])
 
 
 def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
@@ -111,8 +97,8 @@ def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
     model, processor = reference
     mirrored = tmp_path / "mirrored.png"
     ImageOps.mirror(Image.open(f"{media_dir}/extreme_ironing.jpg").convert("RGB")).save(mirrored)
-    original = _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
-    flipped = _check(ours, reference, [_image_conv([str(mirrored)])])
+    original = _check(ours, reference, [image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+    flipped = _check(ours, reference, [image_conv([str(mirrored)])])
     assert original != flipped
 
 
@@ -177,14 +163,14 @@ def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, medi
     processor.save_pretrained(nested)
     config = json.loads((nested / "config.json").read_text())
     assert "text_config" in config and os.path.exists(nested / "model.safetensors.index.json")
-    conv = [_image_conv([f"{media_dir}/coco.jpg"])]
+    conv = [image_conv([f"{media_dir}/coco.jpg"])]
     expected = ours.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
     assert vlm.load(nested, dtype="float32").generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids == expected
 
 
 def test_the_test_sees_mrope_positions(ours, reference, media_dir, monkeypatch):
     """Discrimination: with plain 1-D positions our tokens no longer match the reference."""
-    conv = [_image_conv([f"{media_dir}/extreme_ironing.jpg"])]
+    conv = [image_conv([f"{media_dir}/extreme_ironing.jpg"])]
     model, processor = reference
     theirs, _ = reference_greedy(model, _reference_inputs(processor, conv), STEPS, repetition_penalty=1.0)
     build = ours.build_inputs
