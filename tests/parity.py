@@ -37,7 +37,8 @@ def assert_same_greedy(ours: list[int], theirs: list[int], gaps: list[float], st
 
 def image_conv(paths, text: str = "What is in the picture?") -> list[dict]:
     """One user message with images (by path) and a question."""
-    return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths), {"type": "text", "text": text}]}]
+    images = [{"type": "image", "path": p} for p in paths]
+    return [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
 
 
 def multi_turn_conv(media: str) -> list[dict]:

@@ -132,7 +132,8 @@ def test_windows_differ_from_full_attention(ours, media_dir):
 
     grid = ours.encode(image_conv([f"{media_dir}/extreme_ironing.jpg"]))["image_grid_thw"]
     cfg = ours.model.visual.cfg
-    order, windows = window_order(grid, cfg.spatial_merge_size, cfg.window_size // cfg.spatial_merge_size // cfg.patch_size)
+    merge = cfg.spatial_merge_size
+    order, windows = window_order(grid, merge, cfg.window_size // merge // cfg.patch_size)
     assert len(windows) > 1 and sum(windows) == int(grid.prod()) and sorted(order.tolist()) == list(range(len(order)))
 
 
@@ -144,7 +145,7 @@ def test_window_order_matches_the_reference(window_size, patch, merge):
     from vlm.families.qwen2_5_vl.vision import window_order
 
     m = merge
-    grid = torch.tensor([[1, 16 * m // 2, 16 * m // 2], [2, 6 * m, 10 * m], [1, m, m], [3, 8 * m, 4 * m], [1, 5 * m, m]])
+    grid = torch.tensor([[1, 8 * m, 8 * m], [2, 6 * m, 10 * m], [1, m, m], [3, 8 * m, 4 * m], [1, 5 * m, m]])
     order, windows = window_order(grid, m, window_size // m // patch)
     ref_order, ref_bounds = get_vision_window_index(grid, m, window_size, patch)
     assert torch.equal(order, ref_order)
