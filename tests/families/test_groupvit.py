@@ -316,6 +316,13 @@ def test_labels_are_cleaned_and_deduplicated(tiny):
     assert seg.labels == ("cat", "dog") and seg.logits.shape[0] == 2
 
 
+@pytest.mark.parametrize("labels", ["", " , ,", [], ["  "]])
+def test_empty_labels_are_asked_for_as_the_label_box_takes_them(labels):
+    with pytest.raises(InputError) as caught:
+        clean_labels(labels)
+    assert "cat, dog, grass" in str(caught.value) and "[" not in str(caught.value)  # typed as a box takes them
+
+
 @pytest.mark.parametrize("labels, templates, threshold", [
     ([], None, 0.5), (["", "  "], None, 0.5), ([3], None, 0.5), (None, None, 0.5),
     (["cat"], ["no placeholder"], 0.5), (["cat"], [], 0.5), (["cat"], None, 1.5), (["cat"], None, -0.1),
