@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Sequence
 
+from .boxes import strip_markup
+from .cost import estimate
 from .errors import VLMError
+from .media import partial_videos
+from .session import Stats, format_bytes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-pixels", type=int)
     chat.add_argument("--fps", type=float)
     chat.add_argument("--num-frames", type=int)
+    chat.add_argument("--verbose", action="store_true", help="print the prompt's tokens, the time to first token, "
+                                                             "tokens/s and peak memory on stderr")
     _add_load_options(chat)
     chat.set_defaults(run=_chat)
 
@@ -80,15 +87,58 @@ def _chat(args) -> int:
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}]
     pipe = _load(args)
+    media = {k: v for k, v in dict(max_pixels=args.max_pixels, fps=args.fps, num_frames=args.num_frames).items()
+             if v is not None}
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                   do_sample=args.sample, max_pixels=args.max_pixels, fps=args.fps, num_frames=args.num_frames)
-    for delta in pipe.stream(conversation, **{k: v for k, v in options.items() if v is not None}):
-        out = sys.stderr if delta.kind == "thinking" else sys.stdout  # the reasoning stays off stdout
-        out.write(delta)
-        out.flush()
-    sys.stdout.write("\n")
+                   do_sample=args.sample)
+    start, first, tokens, noted = time.perf_counter(), None, 0, 0
+    with partial_videos() as partial:  # a damaged video: the frames before the damage, and a note saying so
+        for delta in pipe.stream(conversation, **{k: v for k, v in options.items() if v is not None}, **media):
+            first, tokens = first or time.perf_counter(), delta.tokens
+            noted = _notes(partial, noted)
+            out = sys.stderr if delta.kind == "thinking" else sys.stdout  # the reasoning stays off stdout
+            out.write(strip_markup(delta))  # boxes' coordinates stay, their tokens do not
+            out.flush()
+        end = time.perf_counter()
+        sys.stdout.write("\n")
+        _notes(partial, noted)
+        if args.verbose:
+            cost = estimate(pipe, conversation, **media)
+            stats = Stats(None if first is None else first - start, tokens, end - start, cost.visual_tokens)
+            print(stats_text(stats, cost.prompt_tokens), file=sys.stderr)
     return 0
+
+
+def _notes(partial: list, shown: int) -> int:
+    """Print the notes not shown yet on stderr; return how many have been."""
+    for video in partial[shown:]:
+        print(f"note: {video.message}", file=sys.stderr)
+    return len(partial)
+
+
+def stats_text(stats: Stats, prompt_tokens: int) -> str:
+    """The --verbose lines: prompt and time to first token, generation speed, peak memory."""
+    lines = [f"prompt: {prompt_tokens} tokens ({stats.visual_tokens} visual)"]
+    if stats.seconds_to_first_token is not None:
+        rate = prompt_tokens / stats.seconds_to_first_token if stats.seconds_to_first_token > 0 else 0.0
+        lines[0] += f", {stats.seconds_to_first_token:.2f} s to first token ({rate:.1f} tokens/s)"
+    speed = f", {stats.tokens_per_second:.2f} tokens/s" if stats.tokens_per_second is not None else ""
+    lines.append(f"generation: {stats.tokens} tokens{speed}")
+    lines.append(f"peak memory: {format_bytes(peak_memory())}")
+    return "\n".join(lines)
+
+
+def peak_memory() -> int:
+    """Peak bytes: allocated on the GPU when one is used, else the process's peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        return torch.cuda.max_memory_allocated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def _segment(args) -> int:

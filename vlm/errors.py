@@ -45,6 +45,15 @@ class VideoDecodeError(MediaError):
     """A video cannot be decoded (no video stream, corrupt, too long)."""
 
 
+class DamagedVideoError(VideoDecodeError):
+    """A video decodes up to some frame and no further: its first `decodable` frames can be used
+    (inside `vlm.media.partial_videos()` they are)."""
+
+    def __init__(self, message: str, path: str = "", decodable: int = 0, cause: str = ""):
+        super().__init__(message)
+        self.path, self.decodable, self.cause = path, decodable, cause
+
+
 class InputError(VLMError):
     """A conversation, label list or setting is malformed."""
 

@@ -13,6 +13,7 @@ from .caching import PrefixPool
 from .conversation import is_batch, normalize
 from .errors import ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
+from .media import retrying_damaged_videos
 from .reasoning import ANSWER, Delta, ReasoningParser, ThinkingBudget, ThinkingFormat, opens_thinking, split_reasoning
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -62,7 +63,7 @@ class ChatPipeline:
                 raise InputError(f"This {self.family} checkpoint has no switch to turn thinking on or off; "
                                  "pass thinking_budget=0 to make it answer right away.")
             media_options["template_vars"] = {"enable_thinking": bool(enable_thinking)}
-        return self.build_inputs(conversations, **media_options)
+        return retrying_damaged_videos(lambda: self.build_inputs(conversations, **media_options))
 
     def generate(self, conversations: Any, cancel: threading.Event | None = None,
                  **options: Any) -> list[GenerationOutput]:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 from .conversation import drop_oldest_turn, media_items, normalize
 from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from .media import partial_videos
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -192,6 +193,7 @@ class Stats:
     seconds: float  # from the request to the last token
     visual_tokens: int
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
+    notes: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a damaged video cut short)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -283,14 +285,16 @@ class Generation:
                                            lambda _, message: self._update(status=message))
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
-                    conversation, deltas, dropped = self._open_stream(pipeline)
-                    for delta in deltas:
-                        first, tokens = first or time.perf_counter(), delta.tokens
-                        part = "thinking" if delta.kind == "thinking" else "answer"
-                        texts[part] += delta
-                        self._update(**{part: texts[part]})
-                    stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                  visual_tokens(pipeline, conversation, self._options), dropped)
+                    with partial_videos() as partial:  # a damaged video: its frames before the damage, said so
+                        conversation, deltas, dropped = self._open_stream(pipeline)
+                        for delta in deltas:
+                            first, tokens = first or time.perf_counter(), delta.tokens
+                            part = "thinking" if delta.kind == "thinking" else "answer"
+                            texts[part] += delta
+                            self._update(**{part: texts[part]})
+                        stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
+                                      visual_tokens(pipeline, conversation, self._options), dropped,
+                                      tuple(video.message for video in partial))
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
@@ -364,17 +368,14 @@ def segmentable(image: Any) -> Any:
 
 
 def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt (0 for a text-only conversation)."""
+    """Image and video placeholder tokens in the prompt (0 for a text-only conversation), counted without
+    decoding the media again."""
     if not media_items(normalize(conversation)):
         return 0
-    from .checkpoint import read_config
+    from .cost import estimate
 
-    config = read_config(pipeline.directory)
-    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
-    ids = {config[k] for k in keys if isinstance(config.get(k), int)}
-    media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
-    input_ids = pipeline.encode(conversation, **media)["input_ids"]
-    return sum(int((input_ids == i).sum()) for i in ids)
+    media = {k: options.get(k) for k in ("min_pixels", "max_pixels", "fps", "num_frames")}
+    return estimate(pipeline, conversation, **media).visual_tokens
 
 
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:

@@ -86,7 +86,7 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
     out: list[Message] = []
     if snap.thinking:
         thinking_done = bool(snap.answer) or snap.done
-        out.append({"role": "assistant", "content": snap.thinking,
+        out.append({"role": "assistant", "content": strip_markup(snap.thinking),
                     "metadata": {"title": "Thinking", "status": "done" if thinking_done else "pending"}})
     text = strip_markup(snap.answer)
     if not snap.done:
@@ -113,6 +113,7 @@ def stats_line(stats: Stats | None, finish: str | None) -> str:
         parts.append(f"{stats.visual_tokens} visual tokens")
         if stats.dropped_turns:
             parts.append(f"{stats.dropped_turns} oldest exchange(s) left out to fit the context")
+        parts += [f"⚠️ {note}" for note in stats.notes]
     parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"]}.get(finish or "", [])
     return " · ".join(parts)
 

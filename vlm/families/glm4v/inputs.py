@@ -111,6 +111,12 @@ class Glm4vInputs:
             yield ([self.ids.begin_image, *[self.ids.image] * count, self.ids.end_image, *stamp],
                    [TEXT, *[VIDEO] * count, TEXT, *[TEXT] * len(stamp)])
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates)."""
+        return {kind: [int(grid.prod()) // settings.merge_size**2 for grid in inputs.get(key, [])]
+                for kind, key, settings in (("image", "image_grid_thw", self.settings.image),
+                                            ("video", "video_grid_thw", self.settings.video))}
+
     @staticmethod
     def positions(input_ids: torch.Tensor, kinds: list[list[int]],
                   grids: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:

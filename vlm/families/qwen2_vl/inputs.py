@@ -98,6 +98,12 @@ class Qwen2VLInputs:
                 types.append(TEXT)
         return out, types
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates)."""
+        merge = self.settings.merge_size**2
+        return {kind: [int(grid.prod()) // merge for grid in inputs.get(key, [])]
+                for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw"))}
+
     def positions(self, input_ids, attention_mask, kinds, image_grid, video_grid):
         """M-RoPE positions (3, B, L) as the reference's get_rope_index, and each row's next position."""
         batch, width = input_ids.shape
