@@ -19,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -224,7 +225,7 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
     if version.st_size > limits.max_video_bytes:
         raise VideoDecodeError(f"{name} is {_size(version.st_size)}; videos up to "
                                f"{_size(limits.max_video_bytes)} are accepted.")
-    key = (name, version.st_ino, version.st_size, version.st_mtime_ns)
+    key = _file_version(name, version)
     info = _probe(name, key[1:], limits.max_video_frames, limits.decode_seconds, limits.decode_memory_bytes)
     if info.duration > limits.max_video_seconds:
         raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
@@ -239,6 +240,11 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
     partial = _partial_videos.get()
     decodable = _damaged.get(key) if partial is not None else None
     return partial.prefix(info, decodable) if decodable else info
+
+
+def _file_version(name: str, version: os.stat_result) -> tuple[str, int, int, int]:
+    """A file's identity as the caches here key it: name, inode, size, modification time."""
+    return name, version.st_ino, version.st_size, version.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=256)
@@ -273,10 +279,10 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLi
         header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
                                        len(wanted) * limits.max_video_pixels * 3)
     except DamagedVideoError as exc:
-        version = os.stat(name)
-        _damaged[(name, version.st_ino, version.st_size, version.st_mtime_ns)] = exc.decodable
-        while len(_damaged) > DAMAGED_CACHE:
-            _damaged.popitem(last=False)
+        with _damaged_lock:
+            _damaged[_file_version(name, os.stat(name))] = exc.decodable
+            while len(_damaged) > DAMAGED_CACHE:
+                _damaged.popitem(last=False)
         raise DamagedVideoError(_damage_message(name, exc.decodable, info.fps, exc.cause), name, exc.decodable,
                                 exc.cause) from None
     return np.frombuffer(payload, np.uint8).reshape(header["shape"])
@@ -294,6 +300,7 @@ def _damage_message(name: str, decodable: int, fps: float | None, cause: str) ->
 # ------------------------------------------------------------------------------ damaged videos, dry runs
 DAMAGED_CACHE = 256
 _damaged: OrderedDict[tuple, int] = OrderedDict()  # file version -> frames that decode before its damage
+_damaged_lock = threading.Lock()
 T = TypeVar("T")
 
 
