@@ -41,7 +41,8 @@ LAYOUTS = [
         "image_newline": "model.image_newline"}),
     ("llava_onevision", "in memory with SigLIP's prefix", {
         "language_model.model.": "model.language_model.", "vision_tower.": "model.vision_tower."}),
-    ("llava_onevision", "save_pretrained of a model built from its config", {"vision_tower.vision_model.": "vision_tower."}),
+    ("llava_onevision", "save_pretrained of a model built from its config",
+     {"vision_tower.vision_model.": "vision_tower."}),
     ("llava_onevision", "LlavaOnevisionModel with a head", {
         "language_model.model.": "language_model.", "language_model.lm_head.": "lm_head.",
         "vision_tower.vision_model.": "vision_tower."}),

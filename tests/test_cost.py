@@ -123,9 +123,10 @@ def test_estimates_decode_nothing(pipes, media, monkeypatch):
 
 
 def test_text_only_and_segmentation(pipes, tmp_path):
-    cost = estimate(pipes["glm4"], [{"role": "user", "content": "Hello there"}])
+    text = [{"role": "user", "content": "Hello there"}]
+    cost = estimate(pipes["glm4"], text)
     assert cost.media == () and cost.visual_tokens == 0
-    assert cost.prompt_tokens == pipes["glm4"].encode([{"role": "user", "content": "Hello there"}])["input_ids"].shape[1]
+    assert cost.prompt_tokens == pipes["glm4"].encode(text)["input_ids"].shape[1]
     assert cost.seconds_to_first_token is None  # no measured rate, no time
     groupvit = vlm.load(vlm.tiny.write("groupvit", tmp_path / "g"), dtype="float32")
     with pytest.raises(InputError, match="does not chat"):
