@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .errors import VLMError
+from .errors import InputError, VLMError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,10 +67,16 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision")
 
 
-def _load(args):
+def _load(args, needs: str):
+    """The pipeline of args.model; InputError unless it can `needs` ("stream" for chat, "segment")."""
     from . import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    if not hasattr(pipe, needs):
+        command, other = ("chat", "segment") if needs == "stream" else ("segment", "chat")
+        raise InputError(f"{args.model} is a {pipe.family} checkpoint, which `{command}` cannot use: "
+                         f"try `python -m vlm {other}`.")
+    return pipe
 
 
 def _chat(args) -> int:
@@ -79,7 +85,7 @@ def _chat(args) -> int:
     content.append({"type": "text", "text": args.prompt})
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}]
-    pipe = _load(args)
+    pipe = _load(args, "stream")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
                    do_sample=args.sample, max_pixels=args.max_pixels, fps=args.fps, num_frames=args.num_frames)
@@ -92,7 +98,7 @@ def _chat(args) -> int:
 
 
 def _segment(args) -> int:
-    pipe = _load(args)
+    pipe = _load(args, "segment")
     labels = [label.strip() for label in args.labels.split(",")]
     options = {} if args.threshold is None else {"threshold": args.threshold}
     seg = pipe.segment(args.image, labels, **options)
