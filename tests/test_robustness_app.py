@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +40,9 @@ QUEUE_SIZE = 4
 USERS = 2 * QUEUE_SIZE
 SOAK_REQUESTS = 200
 SESSIONS = 20  # Gradio sessions kept (each API call is one): the soak's warm-up fills them
+UPLOADS_TOTAL_MB = 40
+HEADER_SECONDS = 2
+CONNECTIONS = 64
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,10 +71,12 @@ def vlm_threads() -> list[threading.Thread]:
 
 
 class Api:
-    """A minimal client of Gradio's HTTP API (the /gradio_api/call routes, server-sent events)."""
+    """A minimal client of Gradio's HTTP API (the /gradio_api/call and queue routes, server-sent events),
+    all its calls in one Gradio session (as gradio_client does)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, session: str | None = None):
         self.url = url
+        self.session = session or uuid.uuid4().hex[:12]
         self.demo: Any = None  # the app's Blocks, when the test serves it
         self.http = httpx.Client(base_url=url, trust_env=False, timeout=120)
 
@@ -82,7 +88,7 @@ class Api:
 
     def submit(self, api: str, data: list) -> httpx.Response | str:
         """The POST: an event id, or the response when it was refused (e.g. 503: the queue is full)."""
-        response = self.http.post(f"gradio_api/call/{api}", json={"data": data})
+        response = self.http.post(f"gradio_api/call/{api}", json={"data": data, "session_hash": self.session})
         return response.json()["event_id"] if response.status_code == 200 else response
 
     def events(self, api: str, event_id: str) -> Iterator[tuple[str, Any]]:
@@ -117,14 +123,20 @@ def chat(text: str, files: list[dict] = (), max_new_tokens: int = 4, checkpoint:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The demo on a free loopback port: tiny Qwen2-VL (never-ending answers) and GroupViT, a queue of
-    QUEUE_SIZE, two generations at once, 1 MB uploads, SESSIONS sessions kept."""
+    QUEUE_SIZE, two generations at once, 1 MB uploads (3 MB per session, UPLOADS_TOTAL on disk, in a
+    Gradio directory of its own), SESSIONS sessions kept, HEADER_SECONDS for a request's headers and
+    CONNECTIONS open connections."""
     env = {"VLM_TINY": "1", "VLM_FAMILIES": "qwen2_vl,groupvit", "VLM_CACHE_DIR": str(tmp_path_factory.mktemp("tiny")),
            "VLM_MODEL_QWEN2_VL": str(endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
            "VLM_QUEUE_SIZE": str(QUEUE_SIZE), "VLM_CONCURRENCY": "2", "VLM_MAX_FILE_SIZE": "1mb",
+           "VLM_SESSION_UPLOADS": "3mb", "VLM_UPLOADS_TOTAL": f"{UPLOADS_TOTAL_MB}mb",
+           "VLM_HEADER_SECONDS": str(HEADER_SECONDS), "VLM_MAX_CONNECTIONS": str(CONNECTIONS),
            "VLM_DEVICE": "cpu", "VLM_DTYPE": "float32", "VLM_SESSION_CAPACITY": str(SESSIONS)}
     settings = Settings.from_env(env)
     steady_allocator()
     limits, pillow_limit = vlm.media.current_limits(), Image.MAX_IMAGE_PIXELS
+    gradio_dir = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))  # uploads: nobody else's
     demo = build(settings)
     port = free_port()
     launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -135,6 +147,10 @@ def app(tmp_path_factory):
     demo.close()
     vlm.media.configure(limits)
     Image.MAX_IMAGE_PIXELS = pillow_limit
+    if gradio_dir is None:
+        os.environ.pop("GRADIO_TEMP_DIR")
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = gradio_dir
 
 
 def test_media_limits_come_from_the_settings(app):
@@ -146,7 +162,7 @@ def test_media_limits_come_from_the_settings(app):
                                                    max_video_seconds=600, max_video_pixels=1920 * 1080,
                                                    max_video_frames=9000, decode_seconds=30)
     assert settings.limits.context_overflow == "error" and Settings.from_env({}).limits.context_overflow == "truncate"
-    assert settings.session_capacity == 50 and Settings.from_env({}).session_capacity == 1000
+    assert settings.sessions.capacity == 50 and Settings.from_env({}).sessions.capacity == 1000
     for bad in ({"VLM_MAX_FILE_SIZE": "ten"}, {"VLM_MAX_VIDEO_RESOLUTION": "4k"}, {"VLM_CONTEXT_OVERFLOW": "drop"}):
         with pytest.raises(ValueError):
             Settings.from_env(bad)
@@ -330,14 +346,15 @@ def test_file_routes_serve_uploads_only(app, tmp_path):
 
 
 def test_uploads_over_max_file_size_are_refused(app, tmp_path):
-    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
     small.write_bytes(os.urandom(200_000))
     big.write_bytes(os.urandom(1_200_000))  # VLM_MAX_FILE_SIZE=1mb
     assert Path(app.upload(small)["path"]).read_bytes() == small.read_bytes()
     with open(big, "rb") as f:
-        response = app.http.post("gradio_api/upload", files={"files": ("big.bin", f)})
+        response = app.http.post("gradio_api/upload", files={"files": ("big.png", f)})
     assert response.status_code == 413
-    cache = Path(app.upload(small)["path"]).parents[1]
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])  # the app's own upload directory
+    assert Path(app.upload(small)["path"]).is_relative_to(cache)
     assert not [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000]  # nothing kept
 
 
@@ -367,11 +384,11 @@ def test_url_shaped_inputs_make_no_outbound_request(app):
         outcomes = [app.call("chat", chat(f"Look at {urls[0]}", files=[f])) for f in file_data]
         outcomes.append(app.call("chat", chat("hi", checkpoint=f"{base}/model")))
         outcomes.append(app.call("chat", chat(urls[0], files=[{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}])))
-        outcomes.append(app.call("segment", [file_data[0], "cat", "groupvit", "tiny:groupvit", 0.0, 0.5, True]))
+        outcomes.append(app.call("segment", [file_data[0], "cat", "groupvit", "tiny random (groupvit)", 0.0, 0.5, True]))
         assert [kind for kind, _ in outcomes] == ["error"] * 5, outcomes
         for i in (0, 1, 4):  # refused by our components, for any host: Gradio would fetch public URLs
             assert "URLs are not fetched" in json.dumps(outcomes[i][1]), outcomes[i]
-        assert "not one of this server's checkpoints" in json.dumps(outcomes[2][1])
+        assert "is not one of this server's qwen2_vl checkpoints" in json.dumps(outcomes[2][1])
         assert "root:x:0" not in json.dumps(outcomes)
         time.sleep(0.5)
         assert Listener.hits == []
@@ -401,7 +418,7 @@ def test_hostile_uploads_end_with_their_message(app, tmp_path):
     for path, message in expected.items():
         kind, data = app.call("chat", chat("What is this?", files=[app.upload(path)]))
         assert kind == "error" and f'"{message}' in json.dumps(data), (path.name, kind, data)  # no server path
-    kind, data = app.call("segment", [app.upload(bomb), "cat", "groupvit", "tiny:groupvit", 0.0, 0.5, True])
+    kind, data = app.call("segment", [app.upload(bomb), "cat", "groupvit", "tiny random (groupvit)", 0.0, 0.5, True])
     assert kind == "error" and "too large" in json.dumps(data), data
     kind, data = app.call("chat", chat("   "))
     assert kind == "error" and "Type a question" in json.dumps(data)

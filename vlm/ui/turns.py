@@ -126,8 +126,8 @@ def error_text(exc: BaseException) -> str:
     """The message shown to a user, with server directories left out of file paths (whatever the file
     name starts with: a space, a quote)."""
     text = str(exc) if isinstance(exc, VLMError) else f"{type(exc).__name__}: {exc}"
-    for directory in server_directories():
-        text = text.replace(directory + os.sep, "")
+    for directory in server_directories():  # with the directories under them, whatever their names hold
+        text = re.sub(re.escape(directory) + r"/(?:[^/\n]*/)*", "", text)
     return _DIRECTORIES.sub("", text)
 
 
