@@ -94,13 +94,9 @@ def hardened(limits: ServerLimits) -> Iterator[None]:
         http_server.Server = gradio_server
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: a request body larger than `limit` bytes is refused with 413 (uploads, under
-    `exempt`, have limits of their own)."""
+    """ASGI middleware: a request body larger than `limit` bytes is refused with 413 before the app reads
+    it (uploads, under `exempt`, have limits of their own)."""
 
     def __init__(self, app: Any, limit: int, exempt: str = "/gradio_api/upload"):
         self.app, self.limit, self.exempt = app, limit, exempt
@@ -112,27 +108,19 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             return await plain(send, 413, refusal)
-        received, started = 0, False
-
-        async def counted() -> dict:
-            nonlocal received
+        body: list[dict] = []  # read here (at most `limit` bytes: a chunked body has no length), then replayed
+        while not body or body[-1].get("more_body"):
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:  # a chunked body without a length
-                raise BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return
+            body.append(message)
+            if sum(len(m.get("body", b"")) for m in body) > self.limit:
+                return await plain(send, 413, refusal)
 
-        async def watched(message: dict) -> None:
-            nonlocal started
-            started = True
-            await send(message)
+        async def replay() -> dict:
+            return body.pop(0) if body else await receive()
 
-        try:
-            await self.app(scope, counted, watched)
-        except BodyTooLarge:
-            if started:
-                raise
-            await plain(send, 413, refusal)
+        await self.app(scope, replay, send)
 
 
 async def plain(send: Send, status: int, text: str) -> None:

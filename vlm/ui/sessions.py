@@ -41,6 +41,7 @@ class Sessions:
         self._lock = threading.Lock()
         self._used: dict[str, float] = {}  # session -> when it was last used (monotonic)
         self._running: Counter[str] = Counter()  # session -> requests of it being processed
+        self._refused: set[str] = set()  # new sessions that found no room (kept until the next one comes)
         self._swept = 0.0
 
     def install(self, holder: Any) -> None:
@@ -54,7 +55,7 @@ class Sessions:
         now = time.monotonic()
         data = self.holder.session_data
         with self.holder.lock:
-            new = session not in self._used
+            new = session not in self._used or session in self._refused
             self._used[session] = now
             if session in data:
                 data.move_to_end(session)
@@ -64,7 +65,7 @@ class Sessions:
 
     def admit(self, session: str) -> None:
         """Raise InputError when `session` was refused for lack of room."""
-        if session and self.holder is not None and session not in self.holder.session_data:
+        if session in self._refused:
             raise InputError("The server holds as many conversations as it can right now; try again in a few "
                              "minutes.")
 
@@ -86,27 +87,32 @@ class Sessions:
 
     # ----------------------------------------------------------------------------------------- policy
     def _enforce(self, current: str, now: float) -> list[str]:
-        """Drop idle sessions, then sessions as needed to fit the bounds; the sessions that ended."""
+        """Drop idle sessions, then sessions as needed to fit the bounds; the sessions that ended. A new
+        (empty) `current` session that still finds no room is refused; it stays (Gradio is looking it up)
+        until the next session drops it."""
         self._swept = now
-        data = self.holder.session_data
+        limits, data = self.limits, self.holder.session_data
         ended = [s for s in list(data) if s != current and not self._busy(s)
-                 and now - self._used.get(s, now) > self.limits.idle_seconds]
+                 and now - self._used.get(s, now) > limits.idle_seconds]
         sizes = {s: session_bytes(state) for s, state in data.items() if s not in ended}
-        total = sum(sizes.values())
-        if len(sizes) > self.limits.capacity or total > self.limits.memory_bytes:
-            candidates = [s for s in sizes if s != current and not self._busy(s)]  # least recently used first
-            order = [s for s in candidates if sizes[s] <= SESSION_BYTES] + [
-                s for s in candidates if sizes[s] > SESSION_BYTES and now - self._used.get(s, 0) >= self.limits.keep_seconds]
-            for session in order:
-                if len(sizes) <= self.limits.capacity and total <= self.limits.memory_bytes:
-                    break
-                ended.append(session)
-                total -= sizes.pop(session)
-            if len(sizes) > self.limits.capacity or total > self.limits.memory_bytes:
-                if current in sizes and sizes[current] <= SESSION_BYTES:  # a new (empty) session finds no room
-                    ended.append(current)
+
+        def full() -> bool:
+            return len(sizes) > limits.capacity or sum(sizes.values()) > limits.memory_bytes
+
+        candidates = [s for s in sizes if s != current and not self._busy(s)]  # least recently used first
+        empty = [s for s in candidates if sizes[s] <= SESSION_BYTES]
+        unused = [s for s in candidates if s not in empty and now - self._used.get(s, 0) >= limits.keep_seconds]
+        for session in empty + unused:
+            if not full():
+                break
+            ended.append(session)
+            del sizes[session]
         for session in ended:
             self._drop(session)
+        if full() and sizes.get(current, 0) <= SESSION_BYTES:
+            self._refused.add(current)
+        else:
+            self._refused.discard(current)
         return ended
 
     def _busy(self, session: str) -> bool:
@@ -119,6 +125,7 @@ class Sessions:
         self.holder.session_data.pop(session, None)
         self.holder.time_last_used.pop(session, None)
         self._used.pop(session, None)
+        self._refused.discard(session)
 
 
 def session_bytes(state: Any) -> int:
