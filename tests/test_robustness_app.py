@@ -702,3 +702,65 @@ def test_stop_pressed_before_the_answer_starts_stops_it(app):
     started = time.monotonic()
     kind, out = user.event("respond", respond(max_new_tokens=2048))
     assert kind == "answer" and "stopped" in json.dumps(out[0][-1]) and time.monotonic() - started < CLOSED_SECONDS
+
+
+# ----------------------------------------------------------------------------------- soak of the attacks
+ATTACK_ROUNDS = 5
+
+
+def test_soak_of_the_attacks_leaves_the_server_answering_with_memory_back_to_its_baseline(app, tmp_path):
+    """ATTACK_ROUNDS rounds of every attack of this file, on loopback: checkpoint values, malformed and
+    out-of-range values, a flood of new sessions, refused and foreign uploads, oversized bodies, slow
+    connections. Afterwards a real user is answered, and memory, descriptors, threads, sessions and the
+    upload directory are back to what they were after the first round."""
+    import socket
+
+    process = psutil.Process()
+    picture = noise_png(tmp_path / "mine.png", 64, seed=11)
+    bad = [chat("hi", checkpoint="tiny:../victim"), chat("hi", checkpoint="tiny:*"),
+           chat("hi", checkpoint="tiny random (groupvit)"), chat("hi")[:9] + [2**70] + chat("hi")[10:],
+           chat("hi")[:4] + [float("nan")] + chat("hi")[5:], ["hello"] + chat("hi")[1:], [{"text": "hi"}],
+           [{"text": "hi", "files": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]}] + chat("hi")[1:]]
+
+    def attack_round() -> str:
+        """One round; the path of the upload its victim made."""
+        slow = []
+        for _ in range(CONNECTIONS // 2):
+            client = socket.create_connection(("127.0.0.1", app.port))
+            client.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(client)
+        attacker, owner = app.user(), app.user()
+        for data in bad:
+            assert attacker.call("chat", data)[0] == "error"
+        for _ in range(SESSIONS):
+            assert app.user().call("chat", chat("   "))[0] == "error"
+        assert attacker.http.post("gradio_api/upload", files={"files": ("x.html", b"<p>hi</p>")}).status_code == 415
+        mine = owner.upload(picture)
+        assert owner.call("chat", chat("Mine?", files=[mine]))[0] == "answer"
+        assert attacker.call("chat", chat("Yours?", files=[mine]))[0] == "error"
+        assert attacker.http.post("gradio_api/call/chat", content=b"x" * 2_000_000).status_code == 413
+        app.demo.defences.sessions.end(owner.session)  # its tab closes: its upload goes
+        time.sleep(HEADER_SECONDS + 1)  # the slow connections are cut off
+        for client in slow:
+            client.close()
+        return mine["path"]
+
+    def settled() -> tuple[int, int, int]:
+        time.sleep(0.5)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return process.memory_info().rss, process.num_fds(), len(_own_threads())
+
+    attack_round()  # warm-up: caches, worker pools
+    (rss, fds, threads), uploads = settled(), app.demo.defences.uploads.disk_bytes()
+    memory, victims = [], []
+    for _ in range(ATTACK_ROUNDS):
+        victims.append(attack_round())
+        memory.append(settled()[0])
+    print(f"attack soak: RSS after each round (MB): {[round(m / 2**20) for m in [rss] + memory]}")
+    assert app.user().call("chat", chat("Still answering?"))[0] == "answer"
+    now_rss, now_fds, now_threads = settled()
+    assert max(memory) - rss < 20 * 2**20, f"RSS grew by {(max(memory) - rss) / 2**20:.1f} MB"
+    assert now_fds <= fds + 5 and now_threads <= threads + 2
+    assert len(app.demo.state_holder.session_data) <= SESSIONS + 1  # (a refused newcomer waits for the next)
+    assert app.demo.defences.uploads.disk_bytes() <= uploads and not any(map(os.path.exists, victims))
