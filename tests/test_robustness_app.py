@@ -74,6 +74,11 @@ def chat(text: str, files: list[dict] = (), max_new_tokens: int = 4, checkpoint:
     return [{"text": text, "files": list(files)}, family, checkpoint, "", max_new_tokens, 0, 1, 0, 1, -1, 0, 2.0, 0, -1]
 
 
+def stored(file: dict) -> Path:
+    """Where the app keeps an upload (clients name it relative to its upload directory)."""
+    return Path(os.environ["GRADIO_TEMP_DIR"]) / file["path"]
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The demo on a free loopback port: tiny Qwen2-VL (never-ending answers) and GroupViT, a queue of
@@ -159,10 +164,10 @@ def test_closing_the_tab_ends_the_generation_thread_promptly(app):
                 break  # leaving the block closes the connection, as closing the tab does
         closed = time.monotonic()
         assert updates == 5 and vlm_threads()
-        while vlm_threads() or (baseline is not None and threading.active_count() > baseline):
+        while vlm_threads() or (baseline is not None and len(_own_threads()) > baseline):
             assert time.monotonic() - closed < CLOSED_SECONDS, [t.name for t in threading.enumerate()]
             time.sleep(0.01)
-        baseline = threading.active_count() if baseline is None else baseline
+        baseline = len(_own_threads()) if baseline is None else baseline
 
 
 @pytest.fixture
@@ -280,11 +285,12 @@ def raw_get(url: str, path: str) -> tuple[int, bytes]:
 def test_file_routes_serve_uploads_only(app, tmp_path):
     picture = tmp_path / "mine.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(picture)
-    uploaded = app.upload(picture)["path"]
+    uploaded = app.upload(picture)["path"]  # relative to the upload directory, which clients never see
+    assert not uploaded.startswith("/") and stored({"path": uploaded}).read_bytes() == picture.read_bytes()
     status, body = raw_get(app.url, f"/gradio_api/file={uploaded}")
     assert status == 200 and body == picture.read_bytes()  # the route works: what follows is refused by it
 
-    cache = Path(uploaded).parents[1]
+    cache = stored({"path": uploaded}).parents[1]
     secrets = ["/etc/passwd", "/proc/self/environ", str(ROOT / "app.py"), str(ROOT / "vlm" / "media.py"),
                str(Path.home() / ".cache" / "huggingface" / "token")]
     paths = []
@@ -296,6 +302,7 @@ def test_file_routes_serve_uploads_only(app, tmp_path):
               "/gradio_api/file=../../../../../../etc/passwd", "/gradio_api/file=..%2F..%2F..%2F..%2Fetc%2Fpasswd",
               "/gradio_api/file=%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/gradio_api/file=\\etc\\passwd",
               f"/gradio_api/file={Path(uploaded).parent}/../../../../../etc/passwd",
+              "/gradio_api/file=../../../../etc/passwd", f"/gradio_api/file={Path(uploaded).parent}/../../app.py",
               "/gradio_api/file=file:///etc/passwd", "/static/../../../../etc/passwd",
               "/assets/..%2F..%2F..%2F..%2Fetc%2Fpasswd"]
     for path in paths:
@@ -307,13 +314,34 @@ def test_uploads_over_max_file_size_are_refused(app, tmp_path):
     small, big = tmp_path / "small.png", tmp_path / "big.png"
     small.write_bytes(os.urandom(200_000))
     big.write_bytes(os.urandom(1_200_000))  # VLM_MAX_FILE_SIZE=1mb
-    assert Path(app.upload(small)["path"]).read_bytes() == small.read_bytes()
+    assert stored(app.upload(small)).read_bytes() == small.read_bytes()
     with open(big, "rb") as f:
         response = app.http.post("gradio_api/upload", files={"files": ("big.png", f)})
     assert response.status_code == 413
     cache = Path(os.environ["GRADIO_TEMP_DIR"])  # the app's own upload directory
-    assert Path(app.upload(small)["path"]).is_relative_to(cache)
     assert not [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000]  # nothing kept
+
+
+def test_no_response_names_a_server_directory(app, tmp_path):
+    """The upload route, the page and its config, API answers (an overlay file), examples and streamed
+    events name files relative to the upload directory, and never show the working directory."""
+    directories = [os.environ["GRADIO_TEMP_DIR"], str(ROOT)]
+    picture = noise_png(tmp_path / "seen.png", 64, seed=5)
+    with open(picture, "rb") as f:
+        upload = app.http.post("gradio_api/upload", files={"files": ("seen.png", f)})
+    file = {"path": upload.json()[0], "meta": {"_type": "gradio.FileData"}}
+    responses = [upload.text, app.http.get("/").text, app.http.get("config").text,
+                 json.dumps(app.call("segment", [file, "cat, dog", "groupvit", "tiny random (groupvit)", 0.0, 0.5, True])),
+                 json.dumps(app.event("load_example", [0]))]
+    event_id = app.submit("chat", chat("Describe it.", files=[file], max_new_tokens=3))
+    for kind, data in app.events("chat", event_id):
+        responses.append(json.dumps(data))
+        if kind in ("complete", "error"):
+            break
+    overlay = json.loads(responses[3])[1][0]
+    assert app.http.get(overlay["url"]).status_code == 200  # the relative file URL serves the overlay
+    for text in responses:
+        assert not any(directory in text for directory in directories), text[:300]
 
 
 class Listener(http.server.BaseHTTPRequestHandler):
@@ -571,18 +599,18 @@ def test_a_sessions_uploads_are_bounded_and_deleted_when_it_ends(app, tmp_path):
         assert user.call("chat", chat("What is it?", files=[picture]))[0] == "answer"
     kind, data = user.call("chat", chat("And this?", files=[pictures[3]]))  # VLM_SESSION_UPLOADS=3mb
     assert kind == "error" and "the server keeps at most 3 MB per user" in json.dumps(data)
-    assert all(Path(p["path"]).exists() for p in pictures)
+    assert all(stored(p).exists() for p in pictures)
     app.demo.defences.sessions.end(user.session)  # its tab closed
-    assert not any(Path(p["path"]).exists() for p in pictures[:3])
+    assert not any(stored(p).exists() for p in pictures[:3])
 
 
 def test_clear_deletes_the_chats_uploads(app, tmp_path):
     user = app.user()
     picture = user.upload(noise_png(tmp_path / "cleared.png", 64, seed=7))
     kind, out = user.event("add_turn", [{"text": "Look.", "files": [picture]}, None, ""])
-    assert kind == "answer" and Path(picture["path"]).exists()
+    assert kind == "answer" and stored(picture).exists()
     assert user.event("clear", [None])[0] == "answer"
-    assert not Path(picture["path"]).exists()
+    assert not stored(picture).exists()
 
 
 def test_the_servers_uploads_are_bounded_on_disk_and_unused_ones_expire(app, tmp_path):
@@ -603,7 +631,7 @@ def test_the_servers_uploads_are_bounded_on_disk_and_unused_ones_expire(app, tmp
     uploads.limits = replace(limits, unclaimed_seconds=0.5)
     try:
         time.sleep(SWEEP_SECONDS + 0.5)
-        assert Path(app.upload(tmp_path / "fill.png")["path"]).exists()  # room again: the unused ones are gone
+        assert stored(app.upload(tmp_path / "fill.png")).exists()  # room again: the unused ones are gone
         assert not list(Path(os.environ["GRADIO_TEMP_DIR"]).rglob("fill[0-9]*.png"))
     finally:
         uploads.limits = limits
@@ -722,7 +750,7 @@ def test_soak_of_the_attacks_leaves_the_server_answering_with_memory_back_to_its
            chat("hi")[:4] + [float("nan")] + chat("hi")[5:], ["hello"] + chat("hi")[1:], [{"text": "hi"}],
            [{"text": "hi", "files": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]}] + chat("hi")[1:]]
 
-    def attack_round() -> str:
+    def attack_round() -> Path:
         """One round; the path of the upload its victim made."""
         slow = []
         for _ in range(CONNECTIONS // 2):
@@ -743,7 +771,7 @@ def test_soak_of_the_attacks_leaves_the_server_answering_with_memory_back_to_its
         time.sleep(HEADER_SECONDS + 1)  # the slow connections are cut off
         for client in slow:
             client.close()
-        return mine["path"]
+        return stored(mine)
 
     def settled() -> tuple[int, int, int]:
         time.sleep(0.5)
@@ -763,4 +791,4 @@ def test_soak_of_the_attacks_leaves_the_server_answering_with_memory_back_to_its
     assert max(memory) - rss < 20 * 2**20, f"RSS grew by {(max(memory) - rss) / 2**20:.1f} MB"
     assert now_fds <= fds + 5 and now_threads <= threads + 2
     assert len(app.demo.state_holder.session_data) <= SESSIONS + 1  # (a refused newcomer waits for the next)
-    assert app.demo.defences.uploads.disk_bytes() <= uploads and not any(map(os.path.exists, victims))
+    assert app.demo.defences.uploads.disk_bytes() <= uploads and not any(path.exists() for path in victims)

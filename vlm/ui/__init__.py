@@ -25,7 +25,7 @@ from .segment import SegmentTab
 from .server import BodyLimit, hardened
 from .sessions import Sessions
 from .settings import Settings
-from .uploads import UploadRoute, Uploads
+from .uploads import HiddenDirectory, UploadRoute, Uploads
 from .validation import Gate
 
 __all__ = ["Settings", "build", "launch"]
@@ -87,7 +87,8 @@ def launch(demo: gr.Blocks, settings: Settings, **options: Any) -> None:
     `Blocks.launch` (tests pass prevent_thread_lock)."""
     defences: Defences = demo.defences
     block = not options.pop("prevent_thread_lock", False)
-    middleware = [Middleware(BodyLimit, limit=settings.server.request_bytes),
+    middleware = [Middleware(HiddenDirectory, directory=defences.uploads.directory),
+                  Middleware(BodyLimit, limit=settings.server.request_bytes),
                   Middleware(UploadRoute, uploads=defences.uploads)]
     with hardened(settings.server):
         demo.launch(max_file_size=settings.uploads.file_bytes, show_error=False, ssr_mode=False,

@@ -9,7 +9,8 @@ same file only with an upload of its own (of the same content, which gives the s
 uploads are bounded by `session_bytes` and deleted when it ends (or its chat is cleared) and no other
 session holds them; an upload no request claims is deleted after `unclaimed_seconds`. Files sent as URLs
 are refused, never downloaded, and no path outside the upload directory is accepted. The files of the
-page's examples are shared by every session and never deleted.
+page's examples are shared by every session and never deleted. `HiddenDirectory` keeps the upload
+directory itself off the wire: clients see and send paths relative to it ("<hash>/<name>").
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 from gradio_client.utils import is_http_url_like
 
@@ -161,7 +163,8 @@ class Uploads:
 
     # ----------------------------------------------------------------------------------------- helpers
     def _path(self, file: Any) -> str:
-        """The real path of an uploaded file a request names (InputError unless it is in the upload directory)."""
+        """The real path of an uploaded file a request names, relative to the upload directory (the request
+        is changed to name it in full, as Gradio reads it); InputError unless it is in the upload directory."""
         if not isinstance(file, dict) or not isinstance(file.get("path"), str):
             raise InputError('Each file must be {"path": <what the upload route returned>, '
                              '"meta": {"_type": "gradio.FileData"}}.')
@@ -169,9 +172,10 @@ class Uploads:
         if is_http_url_like(path):
             raise InputError("URLs are not fetched: upload the file instead.")
         name = Path(path).name
-        real = os.path.realpath(path) if "\0" not in path else ""
+        real = os.path.realpath(self.directory / path) if "\0" not in path else ""
         if not real or not Path(real).is_relative_to(self.directory) or not os.path.isfile(real):
             raise InputError(f"{name} was not uploaded to this server: upload it first.")
+        file["path"] = real
         return real
 
     def _unused(self, path: str) -> bool:
@@ -233,3 +237,43 @@ class UploadRoute:
             self.uploads.received(paths)
         for message in messages:
             await send(message)
+
+
+FILE_ROUTE = "/gradio_api/file="
+
+
+class HiddenDirectory:
+    """ASGI middleware: the upload directory's own path never leaves the server. Text responses (JSON, the
+    page, server-sent events) name files relative to it, and the file route reads a relative path as one
+    under it (Gradio's own checks then apply to the full path)."""
+
+    def __init__(self, app: Any, directory: str | os.PathLike):
+        self.app = app
+        full = os.path.realpath(directory) + "/"
+        self.prefixes = [full.encode(), quote(full, safe="/").encode()]  # as paths, and as file URLs quote them
+
+    async def __call__(self, scope: dict, receive: Any, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith(FILE_ROUTE) and not path[len(FILE_ROUTE):].startswith("/"):
+            full = FILE_ROUTE + self.prefixes[0].decode() + path[len(FILE_ROUTE):]
+            scope = {**scope, "path": full, "raw_path": quote(full, safe="/=").encode()}
+        text = False
+
+        async def relative(message: dict) -> None:
+            nonlocal text
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                text = headers.get(b"content-type", b"").startswith((b"application/json", b"text/"))
+                if text:  # the body gets shorter: sent without a length
+                    message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
+                                                      if k.lower() != b"content-length"]}
+            elif message["type"] == "http.response.body" and text:
+                body = message.get("body", b"")
+                for prefix in self.prefixes:
+                    body = body.replace(prefix, b"")
+                message = {**message, "body": body}
+            await send(message)
+
+        await self.app(scope, receive, relative)
