@@ -25,6 +25,7 @@ class Api:
         self.url = url
         self.session = session or uuid.uuid4().hex[:12]
         self.demo: Any = None  # the app's Blocks, when the test serves it
+        self.checkpoint = ""  # the label of the app's Qwen2-VL checkpoint, when the test knows it
         self.port = int(url.rstrip("/").rsplit(":", 1)[1])
         self.http = httpx.Client(base_url=url, trust_env=False, timeout=120)
         self._events: dict[str, dict] = {}
@@ -32,7 +33,7 @@ class Api:
     def user(self) -> "Api":
         """Another user of the same app (a session of its own)."""
         other = Api(self.url)
-        other.demo = self.demo
+        other.demo, other.checkpoint = self.demo, self.checkpoint
         return other
 
     def upload(self, path: Path) -> dict:

@@ -32,6 +32,7 @@ import vlm.tiny
 from tests.app_client import Api, free_port
 from vlm.session import SessionManager
 from vlm.ui import Settings, build, launch
+from vlm.ui.checkpoints import label
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_SIZE = 4
@@ -100,7 +101,7 @@ def app(tmp_path_factory):
     port = free_port()
     launch(demo, settings, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     api = Api(f"http://127.0.0.1:{port}/")
-    api.demo, api.port = demo, port
+    api.demo, api.checkpoint = demo, label(env["VLM_MODEL_QWEN2_VL"])
     assert api.call("chat", chat("warm up"))[0] == "answer"  # the model is loaded
     yield api
     demo.close()
@@ -439,9 +440,9 @@ def test_the_chat_shows_the_error_in_the_browser(app, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- sessions
-def respond(label: str = "qwen2_vl0 (local directory)", max_new_tokens: int = 3) -> list:
-    """The page's respond event inputs (its state, then the settings): the fixture's Qwen2-VL, greedy."""
-    return [None, "qwen2_vl", label, "", max_new_tokens, 0, 1, 0, 1, -1, 0, 2.0, 0, -1]
+def respond(user: Api, max_new_tokens: int = 3) -> list:
+    """The page's respond event inputs (its state, then the settings): the app's Qwen2-VL, greedy."""
+    return [None, "qwen2_vl", user.checkpoint, "", max_new_tokens, 0, 1, 0, 1, -1, 0, 2.0, 0, -1]
 
 
 def user_texts(chatbot: list) -> list[str]:
@@ -453,7 +454,7 @@ def test_a_flood_of_new_sessions_keeps_a_real_users_chat(app):
     kind, out = user.event("add_turn", [{"text": "Remember the word kiwi.", "files": []}, None, ""])
     assert kind == "answer", out
     key = out[3]
-    assert user.event("respond", respond())[0] == "answer"
+    assert user.event("respond", respond(user))[0] == "answer"
     for _ in range(3 * SESSIONS):  # empty /chat calls, each a session of its own (refused at once)
         assert app.user().call("chat", chat("   "))[0] == "error"
     assert len(app.demo.state_holder.session_data) <= SESSIONS
@@ -728,8 +729,8 @@ def test_stop_pressed_before_the_answer_starts_stops_it(app):
     assert user.event("add_turn", [{"text": "Tell me everything.", "files": []}, None, ""])[0] == "answer"
     assert user.event("stop", [None])[0] == "answer"
     started = time.monotonic()
-    kind, out = user.event("respond", respond(max_new_tokens=2048))
-    assert kind == "answer" and "stopped" in json.dumps(out[0][-1]) and time.monotonic() - started < CLOSED_SECONDS
+    kind, out = user.event("respond", respond(user, max_new_tokens=2048))
+    assert kind == "answer" and "stopped" in json.dumps(out[0][-1]) and time.monotonic() - started < CLOSED_SECONDS, out
 
 
 # ----------------------------------------------------------------------------------- soak of the attacks

@@ -289,7 +289,7 @@ def test_write_tiny_is_a_hub_layout_checkpoint_transformers_loads(tiny):
     tokenizer = transformers.CLIPTokenizer.from_pretrained(directory)
     texts = [PROMPT.format(label) for label in LABELS]
     assert tokenizer(texts).input_ids == [pipe.tokenizer.encode(t) for t in texts]
-    image = photo("street.png")
+    image = photo("street.png").resize((448, 448))  # square: the reference's centre crop is the whole image
     pixels = transformers.CLIPImageProcessorPil.from_pretrained(directory)(images=image,
                                                                           return_tensors="pt").pixel_values
     ref_image, ref_seg = reference_outputs(model.eval(), pipe.tokenizer(texts), pixels)
