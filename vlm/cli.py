@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .boxes import strip_markup
 from .cost import estimate
-from .errors import VLMError
+from .errors import InputError, VLMError
 from .media import partial_videos
 from .session import Stats, format_bytes
 
@@ -74,10 +74,16 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision")
 
 
-def _load(args):
+def _load(args, needs: str):
+    """The pipeline of args.model; InputError unless it can `needs` ("stream" for chat, "segment")."""
     from . import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    if not hasattr(pipe, needs):
+        command, other = ("chat", "segment") if needs == "stream" else ("segment", "chat")
+        raise InputError(f"{args.model} is a {pipe.family} checkpoint, which `{command}` cannot use: "
+                         f"try `python -m vlm {other}`.")
+    return pipe
 
 
 def _chat(args) -> int:
@@ -86,7 +92,7 @@ def _chat(args) -> int:
     content.append({"type": "text", "text": args.prompt})
     conversation = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": content}]
-    pipe = _load(args)
+    pipe = _load(args, "stream")
     media = {k: v for k, v in dict(max_pixels=args.max_pixels, fps=args.fps, num_frames=args.num_frames).items()
              if v is not None}
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -142,7 +148,7 @@ def peak_memory() -> int:
 
 
 def _segment(args) -> int:
-    pipe = _load(args)
+    pipe = _load(args, "segment")
     labels = [label.strip() for label in args.labels.split(",")]
     options = {} if args.threshold is None else {"threshold": args.threshold}
     seg = pipe.segment(args.image, labels, **options)

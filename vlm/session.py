@@ -40,6 +40,8 @@ class Limits:
     max_images: int = 8
     max_frames: int = 64
     max_seconds: float = 300.0
+    max_message_chars: int = 16_000  # text of one message (or the system prompt)
+    max_conversation_chars: int = 100_000  # all text of a conversation (~25k tokens: fits a 32k context)
     context_overflow: str = "error"  # a prompt longer than the context: "error", or "truncate" the oldest turns
 
 
@@ -55,16 +57,19 @@ class LoadedModel:
 class SessionManager:
     """Loads models on first use, one per family, evicting the least recently used ones to fit `budget`.
 
-    `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
-    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load.
+    `resolve(source) -> directory` finds or downloads a checkpoint, `identify(directory) -> family` reads
+    its family (None: cannot tell), `estimate(directory) -> bytes` sizes it and `load(directory) -> pipeline`
+    builds it; the defaults use vlm.hub, config.json and vlm.load.
     """
 
     def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
                  device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
-                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None):
+                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
+                 identify: Callable[[Path], str | None] | None = None):
         self.budget = budget_bytes
         self.limits = limits
         self._resolve = resolve or _hub_resolve
+        self._identify = identify or checkpoint_family
         self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
         self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
         self._models: dict[str, LoadedModel] = {}
@@ -75,7 +80,9 @@ class SessionManager:
 
     # -------------------------------------------------------------------------------------- models
     def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
-        """The pipeline of `family` loaded from `source`, loading it (once) if needed."""
+        """The pipeline of `family` loaded from `source`, loading it (once) if needed.
+
+        A checkpoint of another family is refused (InputError) before anything is unloaded."""
         report = progress or (lambda fraction, message: None)
         cached = self._lookup(family, source)
         if cached is not None:
@@ -86,6 +93,10 @@ class SessionManager:
                 return cached
             report(0.0, f"Finding {source} (downloading it if needed)…")
             directory = self._resolve(source)
+            found = self._identify(directory)
+            if found is not None and found != family:
+                raise InputError(f"{source} is a {found} checkpoint, not a {family} one: pick a checkpoint of "
+                                 f"{family}, or the {found} family.")
             nbytes = self._estimate(directory)
             report(0.3, f"Estimated memory {format_bytes(nbytes)}; making room…")
             self._make_room(family, nbytes)
@@ -155,8 +166,25 @@ class SessionManager:
         finally:
             semaphore.release()
 
+    def check_text(self, conversation: Any) -> None:
+        """Raise InputError when a message or the whole conversation has more text than the caps allow
+        (counted before anything is tokenized)."""
+        if not isinstance(conversation, (list, tuple)):
+            return  # normalize() says what is wrong with it
+        total = 0
+        for message in conversation:
+            chars = text_chars(message)
+            if chars > self.limits.max_message_chars and message.get("role") != "assistant":
+                raise InputError(f"A message has {chars:,} characters; this server takes at most "
+                                 f"{self.limits.max_message_chars:,} per message. Shorten it.")
+            total += chars
+        if total > self.limits.max_conversation_chars:
+            raise InputError(f"The conversation has {total:,} characters; this server takes at most "
+                             f"{self.limits.max_conversation_chars:,}. Clear the chat (or start a new one) to go on.")
+
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
-        """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""
+        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames)."""
+        self.check_text(conversation)
         tokens = options.get("max_new_tokens")
         if tokens is not None and tokens > self.limits.max_new_tokens:
             raise InputError(f"max_new_tokens is {tokens}; this server allows at most {self.limits.max_new_tokens}.")
@@ -191,7 +219,7 @@ class Stats:
     seconds_to_first_token: float | None
     tokens: int
     seconds: float  # from the request to the last token
-    visual_tokens: int
+    visual_tokens: int | None  # image and video tokens in the prompt (None: not counted, e.g. when stopped)
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
     notes: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a damaged video cut short)
 
@@ -222,8 +250,10 @@ class Generation:
     """One answer produced in a background thread; `updates()` hands its progress to the caller.
 
     Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. Setting the
-    cancel event (or `cancel()`) stops the model within one step; a request running longer than the
-    time cap is cancelled with finish "timeout". Exceptions end up in `Snapshot.error`.
+    cancel event (or `cancel()`) stops the model within one step, and the family's slot is released as
+    soon as the pipeline returns (a request cancelled while it waits for the slot or for its model never
+    starts); a request running longer than the time cap is cancelled with finish "timeout". Exceptions end
+    up in `Snapshot.error`.
     """
 
     def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
@@ -274,7 +304,7 @@ class Generation:
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
         tokens = 0
-        finish, error, stats = "stop", None, None
+        finish, error, stats, pipeline = "stop", None, None, None
         try:
             manager.check(self._conversation, self._options)
             timer.start()
@@ -283,6 +313,7 @@ class Generation:
                     self._update(status=f"Loading {self.family}…")
                     pipeline = manager.get(self.family, self.source,
                                            lambda _, message: self._update(status=message))
+                if acquired and not self._cancel.is_set():
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
                     with partial_videos() as partial:  # a damaged video: its frames before the damage, said so
@@ -293,12 +324,14 @@ class Generation:
                             texts[part] += delta
                             self._update(**{part: texts[part]})
                         stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                      visual_tokens(pipeline, conversation, self._options), dropped,
-                                      tuple(video.message for video in partial))
+                                      None, dropped, tuple(video.message for video in partial))
+            # the family's slot is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
+            elif stats is not None:  # counted for answers that were not stopped
+                stats = replace(stats, visual_tokens=visual_tokens(pipeline, conversation, self._options))
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -365,6 +398,22 @@ def segmentable(image: Any) -> Any:
         raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
+
+
+def text_chars(message: Any) -> int:
+    """Characters of text in a message (a string content, or its text parts)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    parts = [content] if isinstance(content, str) else content if isinstance(content, (list, tuple)) else []
+    texts = [p.get("text") if isinstance(p, dict) else p for p in parts]
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
+def checkpoint_family(directory: Path) -> str:
+    """The family a checkpoint directory's config.json names."""
+    from .checkpoint import read_config
+    from .families import detect_family
+
+    return detect_family(read_config(directory)).name
 
 
 def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:

@@ -1,16 +1,19 @@
 """The Gradio demo: a chat tab and a segmentation tab sharing one SessionManager.
 
-`build(settings)` returns the Blocks (queue configured); `launch(demo, settings)` serves it with the
-security defaults (uploads only, `max_file_size`, no `allowed_paths`, no flagging, a bounded number of
-sessions kept: every API call is a session of its own and Gradio keeps ~50 KB for each).
+`build(settings)` returns the Blocks (queue configured, every request checked by the Gate);
+`launch(demo, settings)` serves it with the security defaults: uploads only (images and videos, bounded
+per file, per session and on disk), no `allowed_paths`, no flagging, Gradio's own error messages hidden,
+bounded sessions (vlm/ui/sessions.py) and a hardened HTTP server (vlm/ui/server.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 from PIL import Image
+from starlette.middleware import Middleware
 
 from .. import media
 from ..families import FAMILIES
@@ -19,9 +22,22 @@ from . import zerogpu
 from .chat import ChatTab
 from .checkpoints import Catalog
 from .segment import SegmentTab
+from .server import BodyLimit, hardened
+from .sessions import Sessions
 from .settings import Settings
+from .uploads import HiddenDirectory, UploadRoute, Uploads
+from .validation import Gate
 
 __all__ = ["Settings", "build", "launch"]
+
+
+@dataclass(frozen=True)
+class Defences:
+    """What guards a built demo (kept on it as `demo.defences`)."""
+
+    gate: Gate
+    uploads: Uploads
+    sessions: Sessions
 
 INTRO = ("# Vision-language models in plain PyTorch\n"
          "Chat about images and videos, or segment an image into the words you give. Families: {families}.")
@@ -39,7 +55,10 @@ def build(settings: Settings) -> gr.Blocks:
     chat = [name for name in served if name not in segmentation]
     if zerogpu.active():  # a GPU process cannot keep what it loads: load every default model up front
         for name in served:
-            manager.get(name, catalog.default(name))
+            manager.get(name, catalog.default_source(name))
+    gate, uploads = Gate(), Uploads(settings.uploads)
+    sessions = Sessions(settings.sessions, on_end=uploads.release)
+    examples = []
     with gr.Blocks(title="VLM demo", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO.format(families=", ".join(served)))
         banner = catalog.banner()
@@ -47,19 +66,56 @@ def build(settings: Settings) -> gr.Blocks:
         with gr.Tabs():
             if chat:
                 with gr.Tab("Chat", id="chat"):
-                    ChatTab(manager, catalog, chat).build(demo)
+                    examples.append(ChatTab(manager, catalog, chat, gate, uploads).build(demo))
             if segmentation:
                 with gr.Tab("Segmentation", id="segmentation"):
-                    SegmentTab(manager, catalog, segmentation).build()
+                    examples.append(SegmentTab(manager, catalog, segmentation, gate, uploads).build())
+
+        def end_session(request: gr.Request) -> None:  # the tab was closed
+            sessions.end(request.session_hash)
+
+        demo.unload(end_session)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    uploads.share(path for example in examples for path in example_files(example))
+    gate.install(demo)
+    demo.defences = Defences(gate, uploads, sessions)
     return demo
 
 
 def launch(demo: gr.Blocks, settings: Settings, **options: Any) -> None:
     """Serve on GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860); `options` go to
     `Blocks.launch` (tests pass prevent_thread_lock)."""
-    demo.launch(max_file_size=settings.max_file_size, show_error=True, ssr_mode=False,
-                footer_links=["api", "gradio"], state_session_capacity=settings.session_capacity, **options)
+    defences: Defences = demo.defences
+    block = not options.pop("prevent_thread_lock", False)
+    middleware = [Middleware(HiddenDirectory, directory=defences.uploads.directory),
+                  Middleware(BodyLimit, limit=settings.server.request_bytes),
+                  Middleware(UploadRoute, uploads=defences.uploads)]
+    with hardened(settings.server):
+        demo.launch(max_file_size=settings.uploads.file_bytes, show_error=False, ssr_mode=False,
+                    footer_links=["api", "gradio"], app_kwargs={"middleware": middleware}, prevent_thread_lock=True,
+                    **options)
+    defences.sessions.install(demo.state_holder)
+    defences.gate.sessions = defences.sessions
+    if block:
+        demo.block_thread()
+
+
+def example_files(examples: gr.Examples) -> list[str]:
+    """Paths of the files the page's examples show (Gradio copied them into its cache)."""
+    found: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("path"), str):
+                found.append(value["path"])
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    collect([sample for _, sample in examples.non_none_processed_examples.items()])
+    return found
 
 
 def is_segmentation(family: str) -> bool:
