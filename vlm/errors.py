@@ -1,5 +1,7 @@
 """Exceptions raised by the vlm package; every message says what went wrong and what to do."""
 
+import re
+
 
 class VLMError(Exception):
     """Base class of every error the library raises on purpose."""
@@ -59,3 +61,20 @@ class GenerationError(VLMError):
 
 class OutOfMemoryError(GenerationError):
     """The device ran out of memory while answering; the memory is freed and the next request can run."""
+
+
+class RemoteError(VLMError):
+    """A remote OpenAI-compatible server (vlm.remote) failed, could not be reached or went away."""
+
+
+class ServerBusyError(RemoteError):
+    """A remote server refused the request for now (429 or 503): it is busy."""
+
+
+_DIRECTORIES = re.compile(r"(?<![\w:/.~])/(?:[^/\s'\"]+/)+(?=[^/\s'\"])")
+
+
+def error_text(exc: BaseException) -> str:
+    """The message shown to a user (chat, API), with server directories left out of file paths."""
+    text = str(exc) if isinstance(exc, VLMError) else f"{type(exc).__name__}: {exc}"
+    return _DIRECTORIES.sub("", text)

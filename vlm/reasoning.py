@@ -36,16 +36,27 @@ class ThinkingFormat:
         return self.close + (self.answer_open or "")
 
 
+@dataclass(frozen=True)
+class Report:
+    """How a streamed request went, sent with its last delta (None: not known)."""
+
+    finish: str | None  # "stop" (end-of-sequence token or stop string) | "length" (token budget) | None
+    prompt_tokens: int | None
+    visual_tokens: int | None  # image and video placeholder tokens in the prompt
+
+
 class Delta(str):
-    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer, and
-    how many tokens the model had generated when it was sent (`tokens`)."""
+    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer, how
+    many tokens the model had generated when it was sent (`tokens`) and, on the last delta of a stream,
+    the `report` of the request."""
 
     kind: str
     tokens: int
+    report: Report | None
 
-    def __new__(cls, text: str, kind: str = ANSWER, tokens: int = 0) -> "Delta":
+    def __new__(cls, text: str, kind: str = ANSWER, tokens: int = 0, report: Report | None = None) -> "Delta":
         delta = super().__new__(cls, text)
-        delta.kind, delta.tokens = kind, tokens
+        delta.kind, delta.tokens, delta.report = kind, tokens, report
         return delta
 
     def __repr__(self) -> str:

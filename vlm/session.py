@@ -1,5 +1,5 @@
-"""SessionManager: models loaded lazily (at most one per family) under a memory budget, and answers
-generated in background threads.
+"""SessionManager: models loaded lazily (at most one per family) under a memory budget, or clients of
+remote servers (vlm.remote), and answers generated in background threads.
 
 UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
 cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
@@ -15,10 +15,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .conversation import drop_oldest_turn, media_items, normalize
 from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from .reasoning import Report
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -55,27 +56,35 @@ class SessionManager:
     """Loads models on first use, one per family, evicting the least recently used ones to fit `budget`.
 
     `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
-    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load.
+    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load. A family in
+    `remote` is served by another server: `remote[family]()` connects a client (e.g. a vlm.remote
+    RemotePipeline) that streams like a pipeline, holds no weights and counts against no budget.
     """
 
     def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
                  device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
-                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None):
+                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
+                 remote: Mapping[str, Callable[[], Any]] | None = None):
         self.budget = budget_bytes
         self.limits = limits
         self._resolve = resolve or _hub_resolve
         self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
         self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
         self._models: dict[str, LoadedModel] = {}
-        self._state = threading.Lock()  # guards _models
+        self._remote = dict(remote or {})
+        self._clients: dict[str, Any] = {}  # connected remote clients by family
+        self._state = threading.Lock()  # guards _models and _clients
         self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
         self.concurrency = family_concurrency
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     # -------------------------------------------------------------------------------------- models
     def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
-        """The pipeline of `family` loaded from `source`, loading it (once) if needed."""
+        """The pipeline of `family` loaded from `source`, loading it (once) if needed; for a remote family,
+        its client (whatever `source`)."""
         report = progress or (lambda fraction, message: None)
+        if family in self._remote:
+            return self._connect(family, report)
         cached = self._lookup(family, source)
         if cached is not None:
             return cached
@@ -95,15 +104,25 @@ class SessionManager:
             report(1.0, f"{family} loaded ({format_bytes(nbytes)}).")
             return pipeline
 
+    def _connect(self, family: str, report: Progress) -> Any:
+        with self._state:
+            client = self._clients.get(family)
+        if client is None:
+            report(0.0, f"Connecting to the server of {family}…")
+            client = self._remote[family]()
+            with self._state:
+                client = self._clients.setdefault(family, client)
+        return client
+
     def loaded(self) -> dict[str, LoadedModel]:
         """A snapshot of the loaded models by family."""
         with self._state:
             return {name: replace(entry) for name, entry in self._models.items()}
 
     def unload(self, family: str) -> bool:
-        """Forget `family`'s model (generations still running keep theirs until they end)."""
+        """Forget `family`'s model or remote client (generations still running keep theirs until they end)."""
         with self._state:
-            entry = self._models.pop(family, None)
+            entry = self._models.pop(family, None) or self._clients.pop(family, None)
         if entry is not None:
             _free_memory()
         return entry is not None
@@ -190,8 +209,9 @@ class Stats:
     seconds_to_first_token: float | None
     tokens: int
     seconds: float  # from the request to the last token
-    visual_tokens: int
+    visual_tokens: int | None  # None: not reported (a remote server that does not count them)
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
+    prompt_tokens: int | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -211,7 +231,7 @@ class Snapshot:
     thinking: str
     answer: str
     done: bool = False
-    finish: str | None = None  # when done: "stop" | "cancelled" | "timeout" | "error"
+    finish: str | None = None  # when done: "stop" | "length" (token budget) | "cancelled" | "timeout" | "error"
     error: BaseException | None = None
     stats: Stats | None = None
 
@@ -271,7 +291,7 @@ class Generation:
         start = time.perf_counter()
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
-        tokens = 0
+        tokens, report = 0, Report(None, None, None)
         finish, error, stats = "stop", None, None
         try:
             manager.check(self._conversation, self._options)
@@ -285,16 +305,22 @@ class Generation:
                     start = time.perf_counter()
                     conversation, deltas, dropped = self._open_stream(pipeline)
                     for delta in deltas:
-                        first, tokens = first or time.perf_counter(), delta.tokens
+                        tokens = delta.tokens
+                        if delta.report is not None:  # the last delta: how the request went
+                            report = delta.report
+                            continue
+                        first = first or time.perf_counter()
                         part = "thinking" if delta.kind == "thinking" else "answer"
                         texts[part] += delta
                         self._update(**{part: texts[part]})
                     stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                  visual_tokens(pipeline, conversation, self._options), dropped)
+                                  report.visual_tokens, dropped, report.prompt_tokens)
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
+            elif report.finish == "length":
+                finish = "length"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -361,20 +387,6 @@ def segmentable(image: Any) -> Any:
         raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
-
-
-def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt (0 for a text-only conversation)."""
-    if not media_items(normalize(conversation)):
-        return 0
-    from .checkpoint import read_config
-
-    config = read_config(pipeline.directory)
-    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
-    ids = {config[k] for k in keys if isinstance(config.get(k), int)}
-    media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
-    input_ids = pipeline.encode(conversation, **media)["input_ids"]
-    return sum(int((input_ids == i).sum()) for i in ids)
 
 
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:

@@ -6,7 +6,6 @@ No Gradio import: messages are the plain dicts `gr.Chatbot` takes.
 from __future__ import annotations
 
 import mimetypes
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..boxes import parse_boxes, strip_markup
-from ..errors import InputError, VLMError
+from ..errors import InputError, error_text
 from ..media import load_image
 from ..session import Snapshot, Stats
 
@@ -110,20 +109,13 @@ def stats_line(stats: Stats | None, finish: str | None) -> str:
             parts.append(f"{stats.seconds_to_first_token:.2f} s to first token")
         if stats.tokens_per_second is not None:
             parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
-        parts.append(f"{stats.visual_tokens} visual tokens")
+        if stats.visual_tokens is not None:
+            parts.append(f"{stats.visual_tokens} visual tokens")
         if stats.dropped_turns:
             parts.append(f"{stats.dropped_turns} oldest exchange(s) left out to fit the context")
-    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"]}.get(finish or "", [])
+    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"], "length": ["token limit reached"]}.get(
+        finish or "", [])
     return " · ".join(parts)
-
-
-_DIRECTORIES = re.compile(r"(?<![\w:/.~])/(?:[^/\s'\"]+/)+(?=[^/\s'\"])")
-
-
-def error_text(exc: BaseException) -> str:
-    """The message shown to a user, with server directories left out of file paths."""
-    text = str(exc) if isinstance(exc, VLMError) else f"{type(exc).__name__}: {exc}"
-    return _DIRECTORIES.sub("", text)
 
 
 def draw_boxes(answer: str, image_path: str) -> Image.Image | None:
