@@ -98,7 +98,7 @@ class ReasoningParser:
             transitions = self._transitions()
             found = [(self._buffer.find(tag), -len(tag), tag) for tag in transitions if tag in self._buffer]
             if not found:
-                keep = _partial_tag_length(self._buffer, transitions)
+                keep = partial_tag_length(self._buffer, transitions)
                 self._emit(self._buffer[:len(self._buffer) - keep], out)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return out
@@ -129,8 +129,9 @@ class ReasoningParser:
             self._space += text
 
 
-def _partial_tag_length(text: str, tags) -> int:
-    """Length of the longest end of `text` that is the beginning of a tag (it may complete later)."""
+def partial_tag_length(text: str, tags) -> int:
+    """Length of the longest end of `text` that is the beginning of a tag (it may complete later); also
+    used for stop strings."""
     for length in range(min(len(text), max(map(len, tags), default=1) - 1), 0, -1):
         if any(tag.startswith(text[-length:]) for tag in tags):
             return length

@@ -1,8 +1,9 @@
 """Which checkpoint serves each family, and the built-in tiny random ones.
 
-Per family: VLM_MODEL_<FAMILY> if set; else the family's default hub checkpoint when it is cached or the
-hub answers (and VLM_TINY is not set); else a tiny random checkpoint, written once into the cache
-directory on first use. A tiny checkpoint's source is "tiny:<family>".
+Per family: a remote server when VLM_REMOTE_<FAMILY> is set (source "remote:<url>"); else VLM_MODEL_<FAMILY>
+if set; else the family's default hub checkpoint when it is cached or the hub answers (and VLM_TINY is not
+set); else a tiny random checkpoint, written once into the cache directory on first use. A tiny
+checkpoint's source is "tiny:<family>".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..families import FAMILIES
 from .settings import Settings
 
 TINY_PREFIX = "tiny:"
+REMOTE_PREFIX = "remote:"
 HUB_TIMEOUT = 4.0  # seconds to wait for the hub before serving tiny checkpoints
 
 
@@ -34,11 +36,14 @@ class Catalog:
         """Probe the hub once (skipped when every family is decided without it)."""
         families = served_families(settings)
         needs_hub = not settings.tiny and any(
-            name not in settings.models and not is_cached(FAMILIES[name].default_checkpoint) for name in families)
+            name not in settings.models and name not in settings.remote
+            and not is_cached(FAMILIES[name].default_checkpoint) for name in families)
         return cls(settings, families, needs_hub and hub_reachable())
 
     def default(self, family: str) -> str:
         """The checkpoint a family starts with."""
+        if family in self.settings.remote:
+            return REMOTE_PREFIX + self.settings.remote[family].url
         if family in self.settings.models:
             return self.settings.models[family]
         repo = FAMILIES[family].default_checkpoint
@@ -47,7 +52,10 @@ class Catalog:
         return TINY_PREFIX + family
 
     def choices(self, family: str) -> list[tuple[str, str]]:
-        """(label, source) pairs for the checkpoint box: the configured one, the hub default, tiny."""
+        """(label, source) pairs for the checkpoint box: the configured one, the hub default, tiny (a remote
+        family: its server only)."""
+        if family in self.settings.remote:
+            return [(label(self.default(family)), self.default(family))]
         sources = [self.default(family), FAMILIES[family].default_checkpoint, TINY_PREFIX + family]
         unique = list(dict.fromkeys(sources))
         return [(label(s), s) for s in unique]
@@ -104,7 +112,13 @@ def is_tiny(source: str) -> bool:
     return source.startswith(TINY_PREFIX)
 
 
+def is_remote(source: str) -> bool:
+    return source.startswith(REMOTE_PREFIX)
+
+
 def label(source: str) -> str:
+    if is_remote(source):
+        return f"remote server {source[len(REMOTE_PREFIX):]}"
     return f"tiny random ({source[len(TINY_PREFIX):]})" if is_tiny(source) else source
 
 
