@@ -24,8 +24,8 @@ from PIL import Image
 import vlm
 import vlm.media
 import vlm.tiny
-from tests.families.test_glm4 import Z1_TEMPLATE
 from tests.test_app import endless_qwen2_vl, free_port
+from vlm.families.glm4.tiny import Z1_CHAT_TEMPLATE
 from vlm.ui import Settings, build, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def app(tmp_path_factory):
     reasoning like GLM-Z1), 1 MB files, 3 MB requests, QUEUE_SIZE requests in flight, two generations at once."""
     temp = tmp_path_factory.mktemp("temp")
     qwen = endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
-    z1 = vlm.tiny.write("glm4", tmp_path_factory.mktemp("z1"), seed=3, chat_template=Z1_TEMPLATE)
+    z1 = vlm.tiny.write("glm4", tmp_path_factory.mktemp("z1"), seed=3, chat_template=Z1_CHAT_TEMPLATE)
     env = {"VLM_TINY": "1", "VLM_FAMILIES": "qwen2_vl,glm4,groupvit", "VLM_CACHE_DIR": str(tmp_path_factory.mktemp("t")),
            "VLM_MODEL_QWEN2_VL": str(qwen), "VLM_MODEL_GLM4": str(z1), "VLM_DEVICE": "cpu", "VLM_DTYPE": "float32",
            "VLM_API_KEY": KEY, "VLM_QUEUE_SIZE": str(QUEUE_SIZE), "VLM_CONCURRENCY": "2", "VLM_MAX_FILE_SIZE": "1mb",

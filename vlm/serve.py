@@ -49,4 +49,4 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
     names = ", ".join(m.id for m in served)
     print(f"serving {names} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(FastAPI(routes=api.routes(), docs_url=None, redoc_url=None, openapi_url=None), host=host, port=port,
-                log_level="warning", timeout_keep_alive=5)
+                log_level="warning", timeout_keep_alive=5, timeout_graceful_shutdown=5)

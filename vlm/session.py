@@ -58,13 +58,14 @@ class SessionManager:
     `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
     and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load. A family in
     `remote` is served by another server: `remote[family]()` connects a client (e.g. a vlm.remote
-    RemotePipeline) that streams like a pipeline, holds no weights and counts against no budget.
+    RemotePipeline) that streams like a pipeline, holds no weights, counts against no budget and runs
+    `remote_concurrency` requests at once (the server batches them) instead of `family_concurrency`.
     """
 
     def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
                  device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
                  estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
-                 remote: Mapping[str, Callable[[], Any]] | None = None):
+                 remote: Mapping[str, Callable[[], Any]] | None = None, remote_concurrency: int = 8):
         self.budget = budget_bytes
         self.limits = limits
         self._resolve = resolve or _hub_resolve
@@ -75,7 +76,7 @@ class SessionManager:
         self._clients: dict[str, Any] = {}  # connected remote clients by family
         self._state = threading.Lock()  # guards _models and _clients
         self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
-        self.concurrency = family_concurrency
+        self.concurrency, self.remote_concurrency = family_concurrency, remote_concurrency
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     # -------------------------------------------------------------------------------------- models
@@ -163,7 +164,7 @@ class SessionManager:
     def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
         """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
         with self._state:
-            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.concurrency))
+            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.slots(family)))
         while not semaphore.acquire(timeout=POLL_SECONDS):
             if cancel is not None and cancel.is_set():
                 yield False
@@ -172,6 +173,10 @@ class SessionManager:
             yield True
         finally:
             semaphore.release()
+
+    def slots(self, family: str) -> int:
+        """How many of `family`'s requests run at once."""
+        return self.remote_concurrency if family in self._remote else self.concurrency
 
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
         """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""

@@ -48,7 +48,8 @@ def build(settings: Settings) -> gr.Blocks:
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency, settings.device,
                              settings.dtype, resolve=catalog.resolve,
                              remote={name: partial(RemotePipeline.connect, name, server)
-                                     for name, server in settings.remote.items()})
+                                     for name, server in settings.remote.items()},
+                             remote_concurrency=settings.remote_concurrency)
     if zerogpu.active():  # a GPU process cannot keep what it loads: load every default model up front
         for name in served:
             manager.get(name, catalog.default(name))

@@ -26,6 +26,7 @@ VLM_API_ALLOWED_HOSTS   comma-separated hosts whose http(s) image/video URLs the
 VLM_API_MAX_REQUEST_SIZE  largest API request body (default "100mb")
 VLM_REMOTE_<FAMILY>     serve a family from an OpenAI-compatible server, e.g. http://gpu-box:8000/v1, with
                         VLM_REMOTE_<FAMILY>_API_KEY, VLM_REMOTE_<FAMILY>_MODEL and VLM_REMOTE_TIMEOUT (120 s)
+VLM_REMOTE_CONCURRENCY  requests a remote family streams at once (default 8; the server batches them)
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Settings:
     session_capacity: int = 1000
     api: ApiSettings = ApiSettings()
     remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
+    remote_concurrency: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -113,6 +115,7 @@ class Settings:
                 max_request_bytes=file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE"),
             ),
             remote=servers_from_env(env, FAMILIES),
+            remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
         )
 
     def request_bounds(self) -> Bounds:
