@@ -41,7 +41,8 @@ def test_a_full_request_becomes_a_conversation_and_options():
             "messages": [{"role": "developer", "content": "Be brief."},
                          {"role": "user", "content": [image(data_url(PNG)), {"type": "text", "text": "What?"}]},
                          {"role": "assistant", "content": None, "reasoning_content": "...", "tool_calls": []},
-                         {"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(MP4, "video/mp4")}}]}]}
+                         {"role": "user", "content": [{"type": "video_url",
+                                                       "video_url": {"url": data_url(MP4, "video/mp4")}}]}]}
     request = parse(body, MODELS, BOUNDS)
     assert request.model == MODELS["qwen2_vl"] and request.stream and request.include_usage
     assert request.stop == ("\n\n", "END") and request.skip_special_tokens
@@ -55,7 +56,7 @@ def test_a_full_request_becomes_a_conversation_and_options():
 
 
 def test_defaults_greedy_and_the_token_cap():
-    assert parse(ask(), MODELS, BOUNDS).options == {"max_new_tokens": 512}  # the server's cap; the rest: the checkpoint's
+    assert parse(ask(), MODELS, BOUNDS).options == {"max_new_tokens": 512}  # the server's cap; the rest: checkpoint's
     greedy = parse(ask(temperature=0, top_k=-1, max_tokens=5), MODELS, BOUNDS).options
     assert greedy == {"max_new_tokens": 5, "do_sample": False, "top_k": 0}
 
@@ -117,7 +118,7 @@ def test_defaults_greedy_and_the_token_cap():
     (ask(image("http://localhost@evil.com/x.png")), 400, "URLs are not fetched"),
     (ask(image("data:image/png,notbase64")), 400, "data:<type>/<subtype>;base64"),
     (ask(image(data_url(MP4, "video/mp4"))), 400, "holds video/mp4; image_url takes a data:image/"),
-    (ask({"type": "video_url", "video_url": {"url": data_url(PNG)}}), 400, "holds image/png; video_url takes a data:video/"),
+    (ask({"type": "video_url", "video_url": {"url": data_url(PNG)}}), 400, "image/png; video_url takes a data:video/"),
     (ask(image(data_url(b"x" * (len(MP4) + 11)))), 413, "this server takes files up to"),
     (ask(image(data_url(PNG)), image(data_url(PNG)), image(data_url(PNG))), 400, "3 images; this server takes up to 2"),
     ({"model": "qwen2_vl", "messages": [{"role": "system", "content": [image(data_url(PNG))]}]}, 400,

@@ -114,7 +114,7 @@ def finish(generation):
     return last
 
 
-CONVERSATION = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "What is it?"}]}]
+CONVERSATION = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "What?"}]}]
 
 
 # ------------------------------------------------------------------------------------------- answers
@@ -342,9 +342,10 @@ def test_the_demo_fronts_a_remote_server_in_the_browser_and_its_api(scripted, br
     """The chat tab and the app's own /v1 API with GLM-4.1V served by the scripted server: the reasoning in
     the Thinking block, the boxes drawn, stats without a visual-token count."""
     box = "<|begin_of_box|>[406, 500, 625, 792]<|end_of_box|>"
-    Scripted.reply = (200, [chunk(role="assistant", content="")] + [chunk(reasoning=w) for w in ("A ", "blue ", "square.")]
-                      + [chunk(content=w) for w in ("It ", "is ", "here: ")] + [chunk(content=box, finish="stop"),
-                      {"id": "x", "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9}}], 0.3)
+    events = [chunk(role="assistant", content="")] + [chunk(reasoning=w) for w in ("A ", "blue ", "square.")]
+    events += [chunk(content=w) for w in ("It ", "is ", "here: ")] + [chunk(content=box, finish="stop")]
+    usage = {"id": "x", "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9}}
+    Scripted.reply = (200, events + [usage], 0.3)
     settings = Settings.from_env({"VLM_FAMILIES": "glm4v", "VLM_REMOTE_GLM4V": scripted, "VLM_DEVICE": "cpu"})
     demo = build(settings)
     port = free_port()

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -163,19 +164,21 @@ class OpenAIApi:
     async def _respond(self, job: "_Job", parsed: ChatRequest, request: Request) -> Response:
         """Wait for the first text (or the end), then stream the rest or answer once it is done."""
         answer = _Answer(parsed, job.generation)
-        sent: list[tuple[str, str]] = []
-        async for snap in _follow(job.generation, request):
-            sent.append(answer.take(snap))
-            if parsed.stream and (snap.thinking or snap.answer):
-                break
+        pieces: list[tuple[str, str]] = []  # (reasoning, content) taken from the snapshots so far
+        async with aclosing(_follow(job.generation, request)) as snapshots:
+            async for snap in snapshots:
+                pieces.append(answer.take(snap))
+                if parsed.stream and (snap.thinking or snap.answer):
+                    break
         if snap.error is not None and (not parsed.stream or not (snap.thinking or snap.answer)):
             raise api_error(snap.error)
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), parsed.model.id)
         if parsed.stream:  # the job closes when the stream ends, or after the response if it never started
-            return StreamingResponse(self._events(job, parsed, answer, sent, snap, meta), media_type="text/event-stream",
+            return StreamingResponse(self._events(job, parsed, answer, pieces, snap, meta),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(job.close))
-        reasoning, content = ("".join(texts) for texts in zip(*sent))
+        reasoning, content = ("".join(texts) for texts in zip(*pieces))
         message: dict[str, Any] = {"role": "assistant", "content": content + answer.flush()}
         if reasoning:
             message["reasoning_content"] = message["reasoning"] = reasoning
@@ -184,17 +187,22 @@ class OpenAIApi:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish(snap)}],
             "usage": usage(snap)})
 
-    async def _events(self, job: "_Job", parsed: ChatRequest, answer: "_Answer", sent: list[tuple[str, str]],
+    async def _events(self, job: "_Job", parsed: ChatRequest, answer: "_Answer", pieces: list[tuple[str, str]],
                       snap: Snapshot, meta: "_Meta") -> AsyncIterator[str]:
-        """The SSE stream: the `sent` pieces, a chunk per later change (from `snap` on), the finish reason,
-        usage when asked, then [DONE]."""
+        """The SSE stream: the `pieces` taken so far, a chunk per later change (after `snap`), the finish
+        reason, usage when asked, then [DONE]."""
         try:
             yield meta.chunk({"role": "assistant", "content": ""}, parsed.include_usage)
-            for piece in sent:
-                yield meta.delta(piece, parsed.include_usage)
+            for piece in pieces:
+                if any(piece):
+                    yield meta.delta(piece, parsed.include_usage)
             async for snap in _follow(job.generation, None, after=snap):
-                yield meta.delta(answer.take(snap), parsed.include_usage)
-            yield meta.delta(("", answer.flush()), parsed.include_usage)
+                piece = answer.take(snap)
+                if any(piece):
+                    yield meta.delta(piece, parsed.include_usage)
+            held = answer.flush()
+            if held:
+                yield meta.delta(("", held), parsed.include_usage)
             if snap.error is not None:
                 yield _sse(api_error(snap.error).body())
             else:
@@ -293,13 +301,13 @@ class _Meta:
         return _sse({**body, "usage": None} if with_usage else body)
 
     def delta(self, piece: tuple[str, str], with_usage: bool) -> str:
-        """The chunk of a (reasoning, content) piece; "" when both are empty. The reasoning goes under both
-        names clients read (vLLM's reasoning_content, and reasoning)."""
+        """The chunk of a (reasoning, content) piece; the reasoning goes under both names clients read
+        (vLLM's reasoning_content, and reasoning)."""
         reasoning, content = piece
         delta = {"content": content} if content else {}
         if reasoning:
             delta["reasoning_content"] = delta["reasoning"] = reasoning
-        return self.chunk(delta, with_usage) if delta else ""
+        return self.chunk(delta, with_usage)
 
 
 async def _follow(generation: Generation, request: Request | None, after: Snapshot | None = None

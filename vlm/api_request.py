@@ -123,8 +123,8 @@ def parse(body: Any, models: Mapping[str, ServedModel], bounds: Bounds) -> ChatR
         raise ApiError(400, "user must be a string.", param="user")
     stream = _flag(body, "stream") or False
     conversation, media = _messages(body.get("messages"), bounds)
-    return ChatRequest(models[model], conversation, media, _options(body, bounds), stream,
-                       _include_usage(body, stream), _stop(body.get("stop")), _flag(body, "skip_special_tokens") or False)
+    return ChatRequest(models[model], conversation, media, _options(body, bounds), stream, _include_usage(body, stream),
+                       _stop(body.get("stop")), _flag(body, "skip_special_tokens") or False)
 
 
 # ------------------------------------------------------------------------------------------- options

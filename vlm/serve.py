@@ -39,7 +39,9 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
         if family in {m.family for m in served}:
             raise InputError(f"Two checkpoints of {family} were given; serve one checkpoint per family.")
         name = Path(source).name if os.path.isdir(source) else source
-        served += [ServedModel(name, family, source)] + ([ServedModel(family, family, source)] if name != family else [])
+        served.append(ServedModel(name, family, source))
+        if name != family:
+            served.append(ServedModel(family, family, source))
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency,
                              device or settings.device, dtype or settings.dtype, resolve=directories.__getitem__)
     for family, source in {m.family: m.source for m in served}.items():
