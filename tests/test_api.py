@@ -26,6 +26,11 @@ import vlm.media
 import vlm.tiny
 from tests.test_app import endless_qwen2_vl, free_port
 from vlm.families.glm4.tiny import Z1_CHAT_TEMPLATE
+from vlm.api import AnswerText, api_error
+from vlm.api_request import ChatRequest, ServedModel
+from vlm.errors import (CheckpointError, ContextLengthError, InputError, OutOfMemoryError, RemoteError,
+                        ServerBusyError, VideoDecodeError)
+from vlm.session import MemoryBudgetError, Snapshot
 from vlm.ui import Settings, build, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +117,11 @@ def app(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_request_left_behind(app):
+def no_request_left_behind(request):
     yield
-    wait_until_idle(10)
-    assert list(app["temp"].glob("vlm-api-*")) == []  # every request's media files are gone
+    if "app" in request.fixturenames:
+        wait_until_idle(10)
+        assert list(request.getfixturevalue("app")["temp"].glob("vlm-api-*")) == []  # the media files are gone
 
 
 def ask(app, messages, **options):
@@ -351,3 +357,49 @@ def test_concurrent_clients_all_get_their_own_answer_and_beyond_the_queue_a_429(
         stream.close()
     waiting.join(60)
     assert not errors and answers == {"q0": expected["q0"]}  # served once a slot was free
+
+
+# ----------------------------------------------------------------------------------------------- units
+class FakeGeneration:
+    cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def snapshots(*answers: str, thinking: str = "") -> list[Snapshot]:
+    return [Snapshot(i, "", thinking, answer) for i, answer in enumerate(answers)]
+
+
+def test_stop_strings_split_across_snapshots_are_found_and_the_held_text_comes_back():
+    request = ChatRequest(ServedModel("m", "qwen2_vl", "s"), [], [], {}, stop=("STOP", "</x>"))
+    generation = FakeGeneration()
+    answer = AnswerText(request, generation)
+    pieces = [answer.take(s) for s in snapshots("Hello S", "Hello ST", "Hello STO", "Hello STOP and more")]
+    assert pieces == [("", "Hello "), ("", ""), ("", ""), ("", "")] and generation.cancelled
+    assert answer.flush() == "" and answer.finish(Snapshot(9, "", "", "", done=True, finish="cancelled")) == "stop"
+
+    answer = AnswerText(request, FakeGeneration())
+    assert [answer.take(s)[1] for s in snapshots("a </", "a </y")] == ["a ", "</y"]
+    assert answer.take(Snapshot(2, "", "", "a </y <")) == ("", " ") and answer.flush() == "<"  # never completed
+    assert answer.finish(Snapshot(3, "", "", "", done=True, finish="length")) == "length"
+
+
+def test_reasoning_and_markup():
+    request = ChatRequest(ServedModel("m", "glm4v", "s"), [], [], {}, skip_special_tokens=True)
+    answer = AnswerText(request, FakeGeneration())
+    box = "<|begin_of_box|>[1, 2, 3, 4]<|end_of_box|>"
+    assert answer.take(Snapshot(0, "", "hmm", "")) == ("hmm", "")
+    assert answer.take(Snapshot(1, "", "hmm, so", "Here " + box)) == (", so", "Here [1, 2, 3, 4]")
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (ContextLengthError("long"), 400, "context_length_exceeded"), (InputError("bad"), 400, None),
+    (VideoDecodeError("broken"), 400, None), (MemoryBudgetError("big"), 503, "server_busy"),
+    (OutOfMemoryError("oom"), 503, "server_busy"), (ServerBusyError("busy"), 503, "server_busy"),
+    (RemoteError("gone"), 502, "upstream_error"), (CheckpointError("corrupt"), 500, None),
+    (RuntimeError("boom /srv/app/x.py"), 500, None),
+])
+def test_generation_errors_become_statuses(error, status, code):
+    refused = api_error(error)
+    assert (refused.status, refused.code) == (status, code) and "/srv/app/" not in refused.message

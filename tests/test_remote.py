@@ -297,7 +297,7 @@ def test_vllms_dialect_reasoning_think_tags_boxes_and_usage(scripted):
         Scripted.reply = (200, events + [{"id": "x", "choices": [], "usage": {
             "prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}}], 0.0)
         last = finish(manager.generate("glm4v", "ignored", CONVERSATION, max_new_tokens=64, temperature=0.7,
-                                       do_sample=True, top_k=5, seed=3, max_pixels=60_000))
+                                       do_sample=True, top_k=0, seed=3, max_pixels=60_000))
         assert last.error is None and (last.thinking, last.answer) == ("A blue square.", "It is here: " + box)
         assert (last.finish, last.stats.tokens, last.stats.prompt_tokens, last.stats.visual_tokens) == (
             "stop", 9, 40, None)
@@ -306,7 +306,7 @@ def test_vllms_dialect_reasoning_think_tags_boxes_and_usage(scripted):
     sent = Scripted.bodies[-1]
     assert {k: sent[k] for k in ("model", "max_tokens", "temperature", "top_k", "seed", "stream",
                                  "skip_special_tokens")} == {
-        "model": "glm-4.1v", "max_tokens": 64, "temperature": 0.7, "top_k": 5, "seed": 3, "stream": True,
+        "model": "glm-4.1v", "max_tokens": 64, "temperature": 0.7, "top_k": -1, "seed": 3, "stream": True,
         "skip_special_tokens": False}
     assert sent["stream_options"] == {"include_usage": True}
     url = sent["messages"][0]["content"][0]["image_url"]["url"]
@@ -373,6 +373,10 @@ def test_the_demo_fronts_a_remote_server_in_the_browser_and_its_api(scripted, br
         message = client.chat.completions.create(model="glm4v", messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=64).choices[0].message
         assert (message.reasoning_content, message.content) == ("A blue square.", "It is here: " + box)
+        Scripted.reply = (503, [], 0.0)
+        with pytest.raises(openai.InternalServerError, match="is busy") as busy:
+            client.chat.completions.create(model="glm4v", messages=[{"role": "user", "content": "Hi"}])
+        assert busy.value.status_code == 503 and busy.value.body["code"] == "server_busy"
     finally:
         context.close()
         demo.close()

@@ -163,7 +163,7 @@ class OpenAIApi:
 
     async def _respond(self, job: "_Job", parsed: ChatRequest, request: Request) -> Response:
         """Wait for the first text (or the end), then stream the rest or answer once it is done."""
-        answer = _Answer(parsed, job.generation)
+        answer = AnswerText(parsed, job.generation)
         pieces: list[tuple[str, str]] = []  # (reasoning, content) taken from the snapshots so far
         async with aclosing(_follow(job.generation, request)) as snapshots:
             async for snap in snapshots:
@@ -187,7 +187,7 @@ class OpenAIApi:
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish(snap)}],
             "usage": usage(snap)})
 
-    async def _events(self, job: "_Job", parsed: ChatRequest, answer: "_Answer", pieces: list[tuple[str, str]],
+    async def _events(self, job: "_Job", parsed: ChatRequest, answer: "AnswerText", pieces: list[tuple[str, str]],
                       snap: Snapshot, meta: "_Meta") -> AsyncIterator[str]:
         """The SSE stream: the `pieces` taken so far, a chunk per later change (after `snap`), the finish
         reason, usage when asked, then [DONE]."""
@@ -249,7 +249,7 @@ class _Job:
         self.api._release()
 
 
-class _Answer:
+class AnswerText:
     """The text as the API sends it: the reasoning, and the answer (without box markup when asked) cut at
     the first stop string, which cancels the generation."""
 

@@ -112,6 +112,9 @@ class RemotePipeline:
                     raise refusal(response, where)
                 with _shut_on(cancel, response):
                     yield from self._deltas(response, cancel, where)
+        except httpx.ConnectError as exc:
+            raise RemoteError(f"{where} cannot be reached ({_reason(exc)}); it may have stopped. Try again "
+                              "later.") from None
         except httpx.TimeoutException:
             if not cancel.is_set():
                 raise RemoteError(f"{where} did not answer within {self.server.timeout:g} s; it may be overloaded. "
@@ -130,6 +133,8 @@ class RemotePipeline:
                                 "skip_special_tokens": False,
                                 "messages": self.messages(conversation, options.get("max_pixels"))}
         body.update({OPTIONS[k]: v for k, v in options.items() if OPTIONS[k] and v is not None})
+        if options.get("top_k") == 0:
+            body["top_k"] = -1  # off, in every server's reading (older vLLM refuses 0)
         if options.get("do_sample") is False:
             body["temperature"] = 0.0
         elif options.get("do_sample") and options.get("temperature") is not None:
@@ -206,7 +211,8 @@ def _served_model(http: httpx.Client, server: RemoteServer, family: str) -> str:
 def refusal(response: httpx.Response, where: str) -> VLMError:
     """The error for a response that is not 200: busy (429, 503), a refused key, a refused request."""
     try:
-        error = response.json().get("error") or {}
+        body = response.json()
+        error = body.get("error") or body  # OpenAI's {"error": {...}}, or vLLM's flat {"object": "error", ...}
     except (ValueError, AttributeError):
         error = {}
     if not isinstance(error, dict) or not error.get("message"):

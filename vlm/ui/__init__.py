@@ -72,10 +72,12 @@ def build(settings: Settings) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, settings: Settings, **options: Any) -> None:
     """Serve on GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860), with the OpenAI-compatible
-    routes on the same FastAPI app; `options` go to `Blocks.launch` (tests pass prevent_thread_lock)."""
+    routes on the same FastAPI app (not on ZeroGPU, whose GPU leases belong to Gradio's queue); `options` go
+    to `Blocks.launch` (tests pass prevent_thread_lock)."""
+    routes = [] if zerogpu.active() else demo.openai_api.routes()
     demo.launch(max_file_size=settings.max_file_size, show_error=True, ssr_mode=False,
                 footer_links=["api", "gradio"], state_session_capacity=settings.session_capacity,
-                app_kwargs={"routes": demo.openai_api.routes()}, **options)
+                app_kwargs={"routes": routes}, **options)
 
 
 def api_models(catalog: Catalog, families: list[str]) -> list[ServedModel]:
