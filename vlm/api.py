@@ -35,8 +35,8 @@ from .errors import (ContextLengthError, InputError, MediaError, OutOfMemoryErro
 from .reasoning import partial_tag_length
 from .session import Generation, MemoryBudgetError, SessionManager, Snapshot
 
-POLL_SECONDS = 0.02  # how often a request looks at its generation's progress
-DISCONNECT_POLLS = 10  # ... and, once every this many looks, whether its client is still there
+POLL_SECONDS = 0.05  # how often a request looks at its generation's progress (as the chat tab redraws)
+DISCONNECT_POLLS = 4  # ... and, once every this many looks, whether its client is still there
 log = logging.getLogger(__name__)
 
 

@@ -102,13 +102,15 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
 
 
 def stats_line(stats: Stats | None, finish: str | None) -> str:
-    """E.g. "0.21 s to first token · 31.5 tokens/s · 256 visual tokens · stopped"."""
+    """E.g. "0.21 s to first token · 31.5 tokens/s · 300 prompt tokens · 256 visual tokens · stopped"."""
     parts = []
     if stats is not None:
         if stats.seconds_to_first_token is not None:
             parts.append(f"{stats.seconds_to_first_token:.2f} s to first token")
         if stats.tokens_per_second is not None:
             parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
+        if stats.prompt_tokens is not None:
+            parts.append(f"{stats.prompt_tokens} prompt tokens")
         if stats.visual_tokens is not None:
             parts.append(f"{stats.visual_tokens} visual tokens")
         if stats.dropped_turns:
