@@ -31,3 +31,17 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert _run("tiny", "nonexistent_family", str(tmp_path / "x")).returncode == 2
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    import pytest
+
+    import vlm.tiny
+    from vlm.errors import InputError
+    from vlm.serve import serve
+
+    result = _run("serve", str(vlm.tiny.write("groupvit", tmp_path / "g")), "--port", "9")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "segmentation model; the API serves chat models" in result.stderr
+    with pytest.raises(InputError, match="Two checkpoints of qwen2_vl were given"):
+        serve([str(vlm.tiny.write("qwen2_vl", tmp_path / n)) for n in ("a", "b")])
