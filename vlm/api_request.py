@@ -109,10 +109,10 @@ def parse(body: Any, models: Mapping[str, ServedModel], bounds: Bounds) -> ChatR
         if name not in PARAMETERS:
             raise ApiError(400, f"Unsupported parameter: {name!r}.", code="unsupported_parameter", param=name)
     for name, neutral in NEUTRAL.items():
-        if body.get(name) not in (None, neutral) or isinstance(body.get(name), bool) != isinstance(neutral, bool):
-            if body.get(name) is not None:
-                raise ApiError(400, f"{name} must be {neutral!r} on this server, not {body[name]!r}.",
-                               code="unsupported_value", param=name)
+        value = body.get(name)
+        if value is not None and (value != neutral or isinstance(value, bool) != isinstance(neutral, bool)):
+            raise ApiError(400, f"{name} must be {neutral!r} on this server, not {value!r}.",
+                           code="unsupported_value", param=name)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: one of the ids GET /v1/models lists.", param="model")
