@@ -43,3 +43,17 @@ def test_a_checkpoint_of_the_other_kind_is_a_one_line_error(tmp_path):
         result = _run(*args, "--dtype", "float32")
         assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    import pytest
+
+    import vlm.tiny
+    from vlm.errors import InputError
+    from vlm.serve import serve
+
+    result = _run("serve", str(vlm.tiny.write("groupvit", tmp_path / "g")), "--port", "9")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "segmentation model; the API serves chat models" in result.stderr
+    with pytest.raises(InputError, match="Two checkpoints of qwen2_vl were given"):
+        serve([str(vlm.tiny.write("qwen2_vl", tmp_path / n)) for n in ("a", "b")])

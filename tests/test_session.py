@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import vlm
 import vlm.tiny
 from vlm.errors import InputError
-from vlm.reasoning import Delta
+from vlm.reasoning import Delta, Report
 from vlm.session import Limits, MemoryBudgetError, SessionManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +25,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class FakePipeline:
-    """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas."""
+    """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas; ends
+    with `report` (as pipelines do) unless it is None."""
 
-    def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None):
-        self.deltas, self.delay, self.fail_after = list(deltas), delay, fail_after
+    def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None, report=None):
+        self.deltas, self.delay, self.fail_after, self.report = list(deltas), delay, fail_after, report
         self.options: dict = {}
 
     def stream(self, conversation, cancel=None, **options):
@@ -39,6 +41,8 @@ class FakePipeline:
                 return
             time.sleep(self.delay)
             yield Delta(delta, getattr(delta, "kind", "answer"), tokens=i + 1)  # one token per delta
+        if self.report is not None:
+            yield Delta("", tokens=len(self.deltas), report=self.report)
 
 
 def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), load_seconds=0.0, families=None,
@@ -145,8 +149,16 @@ def test_generation_streams_into_snapshots_with_stats():
     assert last.done and last.finish == "stop" and last.error is None
     assert last.answer == "one two three "
     assert any(not s.done and s.answer for s in snaps)  # text arrived before the end
-    assert last.stats.tokens == 3 and last.stats.visual_tokens == 0
+    assert last.stats.tokens == 3 and last.stats.visual_tokens is None  # the pipeline reported nothing
     assert last.stats.seconds_to_first_token is not None
+
+
+@pytest.mark.parametrize("reason", ["stop", "length"])
+def test_the_pipelines_report_gives_the_finish_and_the_prompt_counts(reason):
+    manager = fake_manager(make=lambda source: FakePipeline(report=Report(reason, 17, 4)))
+    last = finish(manager.generate("qwen2_vl", "q", TEXT))
+    assert (last.finish, last.answer, last.stats.tokens) == (reason, "one two three ", 3)
+    assert (last.stats.prompt_tokens, last.stats.visual_tokens) == (17, 4)
 
 
 def test_thinking_deltas_are_kept_apart():
@@ -229,8 +241,10 @@ def test_real_tiny_model_counts_visual_tokens_and_stops(tiny_qwen):
     manager = SessionManager(dtype="float32")
     conversation = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "Hi"}]}]
     last = finish(manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=8, max_pixels=56 * 56 * 4))
-    assert last.error is None and last.finish == "stop"
+    assert last.error is None and (last.finish, last.stats.tokens) == ("length", 8)
     assert last.stats.visual_tokens == 12  # 640 x 480 resized to 112 x 84: 4 x 3 merged 28-pixel patches
+    pipe = manager.get("qwen2_vl", tiny_qwen)
+    assert last.stats.prompt_tokens == pipe.encode(conversation, max_pixels=56 * 56 * 4)["input_ids"].shape[1]
     bad = finish(manager.generate("qwen2_vl", tiny_qwen, TEXT, top_p=5.0))
     assert isinstance(bad.error, InputError) and "top_p" in str(bad.error)
 
@@ -327,3 +341,10 @@ def test_a_request_stopped_while_its_model_loads_never_starts_answering():
         time.sleep(0.01)
     cancel.set()
     assert finish(generation).finish == "cancelled" and calls == []
+
+
+def test_a_real_model_that_writes_its_end_token_finishes_with_stop(tmp_path):
+    first = vlm.load(vlm.tiny.write("qwen2_vl", tmp_path / "a"), dtype="float32").generate(TEXT, max_new_tokens=1)
+    stops = vlm.tiny.write("qwen2_vl", tmp_path / "b", generation={"eos_token_id": first[0].token_ids})  # same weights
+    last = finish(SessionManager(dtype="float32").generate("qwen2_vl", str(stops), TEXT, max_new_tokens=8))
+    assert last.error is None and (last.finish, last.stats.tokens, last.answer) == ("stop", 0, "")

@@ -1,4 +1,4 @@
-"""Command line: `python -m vlm chat|segment|tiny ...`."""
+"""Command line: `python -m vlm chat|segment|serve|tiny ...`."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--threshold", type=float, help="background threshold")
     _add_load_options(seg)
     seg.set_defaults(run=_segment)
+
+    serve = sub.add_parser("serve", help="serve chat models through an OpenAI-compatible API (/v1/chat/completions)")
+    serve.add_argument("models", nargs="+", metavar="MODEL", help="local checkpoint directory or hub repo id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", help="as vlm.load (default: VLM_DEVICE, else auto)")
+    serve.add_argument("--dtype", help="as vlm.load (default: VLM_DTYPE, else auto)")
+    serve.set_defaults(run=_serve)
 
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint in the hub layout")
     tiny.add_argument("family")
@@ -154,6 +162,13 @@ def _segment(args) -> int:
     seg = pipe.segment(args.image, labels, **options)
     seg.overlay().save(args.out)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _serve(args) -> int:
+    from .serve import serve
+
+    serve(args.models, args.host, args.port, args.device, args.dtype)
     return 0
 
 

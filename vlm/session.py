@@ -1,5 +1,5 @@
-"""SessionManager: models loaded lazily (at most one per family) under a memory budget, and answers
-generated in background threads.
+"""SessionManager: models loaded lazily (at most one per family) under a memory budget, or clients of
+remote servers (vlm.remote), and answers generated in background threads.
 
 UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
 cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
@@ -15,11 +15,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .conversation import drop_oldest_turn, media_items, normalize
 from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
 from .media import partial_videos
+from .reasoning import Report
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -59,13 +60,17 @@ class SessionManager:
 
     `resolve(source) -> directory` finds or downloads a checkpoint, `identify(directory) -> family` reads
     its family (None: cannot tell), `estimate(directory) -> bytes` sizes it and `load(directory) -> pipeline`
-    builds it; the defaults use vlm.hub, config.json and vlm.load.
+    builds it; the defaults use vlm.hub, config.json and vlm.load. A family in `remote` is served by another
+    server: `remote[family]()` connects a client (e.g. a vlm.remote RemotePipeline) that streams like a
+    pipeline, holds no weights, counts against no budget and runs `remote_concurrency` requests at once (the
+    server batches them) instead of `family_concurrency`.
     """
 
     def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
                  device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
                  estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
-                 identify: Callable[[Path], str | None] | None = None):
+                 identify: Callable[[Path], str | None] | None = None,
+                 remote: Mapping[str, Callable[[], Any]] | None = None, remote_concurrency: int = 8):
         self.budget = budget_bytes
         self.limits = limits
         self._resolve = resolve or _hub_resolve
@@ -73,17 +78,22 @@ class SessionManager:
         self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
         self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
         self._models: dict[str, LoadedModel] = {}
-        self._state = threading.Lock()  # guards _models
+        self._remote = dict(remote or {})
+        self._clients: dict[str, Any] = {}  # connected remote clients by family
+        self._state = threading.Lock()  # guards _models and _clients
         self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
-        self.concurrency = family_concurrency
+        self.concurrency, self.remote_concurrency = family_concurrency, remote_concurrency
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     # -------------------------------------------------------------------------------------- models
     def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
-        """The pipeline of `family` loaded from `source`, loading it (once) if needed.
+        """The pipeline of `family` loaded from `source`, loading it (once) if needed; for a remote family,
+        its client (whatever `source`).
 
         A checkpoint of another family is refused (InputError) before anything is unloaded."""
         report = progress or (lambda fraction, message: None)
+        if family in self._remote:
+            return self._connect(family, report)
         cached = self._lookup(family, source)
         if cached is not None:
             return cached
@@ -107,15 +117,25 @@ class SessionManager:
             report(1.0, f"{family} loaded ({format_bytes(nbytes)}).")
             return pipeline
 
+    def _connect(self, family: str, report: Progress) -> Any:
+        with self._state:
+            client = self._clients.get(family)
+        if client is None:
+            report(0.0, f"Connecting to the server of {family}…")
+            client = self._remote[family]()
+            with self._state:
+                client = self._clients.setdefault(family, client)
+        return client
+
     def loaded(self) -> dict[str, LoadedModel]:
         """A snapshot of the loaded models by family."""
         with self._state:
             return {name: replace(entry) for name, entry in self._models.items()}
 
     def unload(self, family: str) -> bool:
-        """Forget `family`'s model (generations still running keep theirs until they end)."""
+        """Forget `family`'s model or remote client (generations still running keep theirs until they end)."""
         with self._state:
-            entry = self._models.pop(family, None)
+            entry = self._models.pop(family, None) or self._clients.pop(family, None)
         if entry is not None:
             _free_memory()
         return entry is not None
@@ -156,7 +176,7 @@ class SessionManager:
     def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
         """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
         with self._state:
-            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.concurrency))
+            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.slots(family)))
         while not semaphore.acquire(timeout=POLL_SECONDS):
             if cancel is not None and cancel.is_set():
                 yield False
@@ -165,6 +185,10 @@ class SessionManager:
             yield True
         finally:
             semaphore.release()
+
+    def slots(self, family: str) -> int:
+        """How many of `family`'s requests run at once."""
+        return self.remote_concurrency if family in self._remote else self.concurrency
 
     def check_text(self, conversation: Any) -> None:
         """Raise InputError when a message or the whole conversation has more text than the caps allow
@@ -219,9 +243,10 @@ class Stats:
     seconds_to_first_token: float | None
     tokens: int
     seconds: float  # from the request to the last token
-    visual_tokens: int | None  # image and video tokens in the prompt (None: not counted, e.g. when stopped)
+    visual_tokens: int | None  # image and video tokens in the prompt (None: not counted or not reported)
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
     notes: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a damaged video cut short)
+    prompt_tokens: int | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -241,7 +266,7 @@ class Snapshot:
     thinking: str
     answer: str
     done: bool = False
-    finish: str | None = None  # when done: "stop" | "cancelled" | "timeout" | "error"
+    finish: str | None = None  # when done: "stop" | "length" (token budget) | "cancelled" | "timeout" | "error"
     error: BaseException | None = None
     stats: Stats | None = None
 
@@ -303,8 +328,8 @@ class Generation:
         start = time.perf_counter()
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
-        tokens = 0
-        finish, error, stats, pipeline = "stop", None, None, None
+        tokens, report = 0, Report(None, None, None)
+        finish, error, stats = "stop", None, None
         try:
             manager.check(self._conversation, self._options)
             timer.start()
@@ -319,19 +344,24 @@ class Generation:
                     with partial_videos() as partial:  # a damaged video: its frames before the damage, said so
                         conversation, deltas, dropped = self._open_stream(pipeline)
                         for delta in deltas:
-                            first, tokens = first or time.perf_counter(), delta.tokens
+                            tokens = delta.tokens
+                            if delta.report is not None:  # the last delta: how the request went
+                                report = delta.report
+                                continue
+                            first = first or time.perf_counter()
                             part = "thinking" if delta.kind == "thinking" else "answer"
                             texts[part] += delta
                             self._update(**{part: texts[part]})
                         stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                      None, dropped, tuple(video.message for video in partial))
+                                      report.visual_tokens, dropped, tuple(video.message for video in partial),
+                                      report.prompt_tokens)
             # the family's slot is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
-            elif stats is not None:  # counted for answers that were not stopped
-                stats = replace(stats, visual_tokens=visual_tokens(pipeline, conversation, self._options))
+            elif report.finish == "length":
+                finish = "length"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -414,17 +444,6 @@ def checkpoint_family(directory: Path) -> str:
     from .families import detect_family
 
     return detect_family(read_config(directory)).name
-
-
-def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt (0 for a text-only conversation), counted without
-    decoding the media again."""
-    if not media_items(normalize(conversation)):
-        return 0
-    from .cost import estimate
-
-    media = {k: options.get(k) for k in ("min_pixels", "max_pixels", "fps", "num_frames")}
-    return estimate(pipeline, conversation, **media).visual_tokens
 
 
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:

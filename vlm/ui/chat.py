@@ -114,7 +114,7 @@ class ChatTab:
         defaults = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, thinking_budget, thinking]
         private: dict[str, Any] = {"api_visibility": "private", "preprocess": False}
         generating = {**private, "concurrency_id": "chat",
-                      "concurrency_limit": self.manager.concurrency * len(self.families)}
+                      "concurrency_limit": sum(self.manager.slots(name) for name in self.families)}
         enable = {"fn": lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False)),
                   "inputs": None, "outputs": [box, stop], **private}
 

@@ -1,8 +1,9 @@
 """Which checkpoint serves each family, and the built-in tiny random ones.
 
-Per family: VLM_MODEL_<FAMILY> if set; else the family's default hub checkpoint when it is cached or the
-hub answers (and VLM_TINY is not set); else a tiny random checkpoint, written once into the cache
-directory on first use. A tiny checkpoint's source is "tiny:<family>".
+Per family: a remote server when VLM_REMOTE_<FAMILY> is set (source "remote:<url>"); else VLM_MODEL_<FAMILY>
+if set; else the family's default hub checkpoint when it is cached or the hub answers (and VLM_TINY is not
+set); else a tiny random checkpoint, written once into the cache directory on first use. A tiny
+checkpoint's source is "tiny:<family>".
 
 Requests name a checkpoint by its label in the Checkpoint box (`choices`), never by a path or a source:
 `source(family, choice)` maps the label to this server's source, and refuses anything else (unless
@@ -27,6 +28,7 @@ from ..families import FAMILIES
 from .settings import Settings
 
 TINY_PREFIX = "tiny:"
+REMOTE_PREFIX = "remote:"
 HUB_TIMEOUT = 4.0  # seconds to wait for the hub before serving tiny checkpoints
 
 
@@ -41,12 +43,15 @@ class Catalog:
         """Probe the hub once (skipped when every family is decided without it)."""
         families = served_families(settings)
         needs_hub = not settings.tiny and any(
-            name not in settings.models and not is_cached(FAMILIES[name].default_checkpoint) for name in families)
+            name not in settings.models and name not in settings.remote
+            and not is_cached(FAMILIES[name].default_checkpoint) for name in families)
         remove_stale_tiny(settings.cache_dir, families)
         return cls(settings, families, needs_hub and hub_reachable())
 
     def default_source(self, family: str) -> str:
         """The source of the checkpoint a family starts with."""
+        if family in self.settings.remote:
+            return REMOTE_PREFIX + self.settings.remote[family].url
         if family in self.settings.models:
             return self.settings.models[family]
         repo = FAMILIES[family].default_checkpoint
@@ -59,7 +64,10 @@ class Catalog:
         return label(self.default_source(family))
 
     def sources(self, family: str) -> dict[str, str]:
-        """label -> source of a family's checkpoints: the configured one, the hub default, tiny."""
+        """label -> source of a family's checkpoints: the configured one, the hub default, tiny (a remote
+        family: its server only)."""
+        if family in self.settings.remote:
+            return {label(self.default_source(family)): self.default_source(family)}
         candidates = [self.default_source(family), FAMILIES[family].default_checkpoint, TINY_PREFIX + family]
         return {label(s): s for s in dict.fromkeys(candidates)}
 
@@ -137,8 +145,14 @@ def is_tiny(source: str) -> bool:
     return source.startswith(TINY_PREFIX)
 
 
+def is_remote(source: str) -> bool:
+    return source.startswith(REMOTE_PREFIX)
+
+
 def label(source: str) -> str:
     """How a checkpoint is named to users: a hub id as is, a local directory by its name only."""
+    if is_remote(source):
+        return f"remote server {source[len(REMOTE_PREFIX):]}"
     if is_tiny(source):
         return f"tiny random ({source[len(TINY_PREFIX):]})"
     if source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).expanduser().is_dir():

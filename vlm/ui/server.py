@@ -96,13 +96,16 @@ def hardened(limits: ServerLimits) -> Iterator[None]:
 
 class BodyLimit:
     """ASGI middleware: a request body larger than `limit` bytes is refused with 413 before the app reads
-    it (uploads, under `exempt`, have limits of their own)."""
+    it (uploads and the OpenAI-compatible API have limits of their own: `exempt` paths, a trailing "/"
+    exempting everything under it)."""
 
-    def __init__(self, app: Any, limit: int, exempt: str = "/gradio_api/upload"):
+    def __init__(self, app: Any, limit: int, exempt: tuple[str, ...] = ("/gradio_api/upload", "/v1/")):
         self.app, self.limit, self.exempt = app, limit, exempt
 
     async def __call__(self, scope: dict, receive: Any, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].rstrip("/") == self.exempt:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or any(path.startswith(p) if p.endswith("/") else path.rstrip("/") == p
+                                          for p in self.exempt):
             return await self.app(scope, receive, send)
         refusal = f"A request body may have at most {self.limit:,} bytes."
         length = dict(scope["headers"]).get(b"content-length", b"0")

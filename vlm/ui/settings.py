@@ -33,16 +33,26 @@ VLM_DECODE_SECONDS      time limit of one video probe or decode, in a child proc
 VLM_CONTEXT_OVERFLOW    a prompt longer than the model's context: "truncate" the oldest exchanges
                         (default) or "error"
 VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the checkpoint box
+VLM_API_KEY             when set, the OpenAI-compatible /v1 routes need "Authorization: Bearer <key>"
+VLM_API_ALLOWED_HOSTS   comma-separated hosts whose http(s) image/video URLs the API fetches (default: none)
+VLM_API_MAX_REQUEST_SIZE  largest API request body (default "100mb")
+VLM_REMOTE_<FAMILY>     serve a family from an OpenAI-compatible server, e.g. http://gpu-box:8000/v1, with
+                        VLM_REMOTE_<FAMILY>_API_KEY, VLM_REMOTE_<FAMILY>_MODEL and VLM_REMOTE_TIMEOUT (120 s)
+VLM_REMOTE_CONCURRENCY  requests a remote family streams at once (default 8; the server batches them)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from ..api import ApiSettings
+from ..api_request import Bounds
+from ..families import FAMILIES
 from ..media import MediaLimits
+from ..remote import RemoteServer, servers_from_env
 from ..session import Limits
 from .server import ServerLimits
 from .sessions import SessionLimits
@@ -66,6 +76,9 @@ class Settings:
     sessions: SessionLimits = SessionLimits()
     uploads: UploadLimits = UploadLimits()
     server: ServerLimits = ServerLimits()
+    api: ApiSettings = ApiSettings()
+    remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
+    remote_concurrency: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -133,7 +146,19 @@ class Settings:
                 max_video_frames=int(number("VLM_MAX_VIDEO_FRAMES", defaults.max_video_frames)),
                 decode_seconds=number("VLM_DECODE_SECONDS", defaults.decode_seconds),
             ),
+            api=ApiSettings(
+                key=env.get("VLM_API_KEY") or None,
+                allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
+                max_request_bytes=file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE"),
+            ),
+            remote=servers_from_env(env, FAMILIES),
+            remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
         )
+
+    def request_bounds(self) -> Bounds:
+        """What an API request is checked against: the chat tab's caps and upload limits."""
+        return Bounds(self.limits.max_new_tokens, self.limits.max_images, self.limits.max_frames,
+                      self.media.max_video_bytes, self.media.max_image_pixels, self.api.allowed_hosts)
 
 
 def file_size(value: str, name: str = "VLM_MAX_FILE_SIZE") -> int:

@@ -5,10 +5,7 @@ No Gradio import: messages are the plain dicts `gr.Chatbot` takes.
 
 from __future__ import annotations
 
-import os
-import re
 import secrets
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from ..boxes import parse_boxes, strip_markup
-from ..errors import InputError, VLMError
+from ..errors import InputError, error_text
 from ..media import load_image
 from ..session import Snapshot, Stats, text_chars
 from .uploads import media_kind
@@ -104,43 +101,23 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
 
 
 def stats_line(stats: Stats | None, finish: str | None) -> str:
-    """E.g. "0.21 s to first token · 31.5 tokens/s · 256 visual tokens · stopped"."""
+    """E.g. "0.21 s to first token · 31.5 tokens/s · 300 prompt tokens · 256 visual tokens · stopped"."""
     parts = []
     if stats is not None:
         if stats.seconds_to_first_token is not None:
             parts.append(f"{stats.seconds_to_first_token:.2f} s to first token")
         if stats.tokens_per_second is not None:
             parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
+        if stats.prompt_tokens is not None:
+            parts.append(f"{stats.prompt_tokens} prompt tokens")
         if stats.visual_tokens is not None:
             parts.append(f"{stats.visual_tokens} visual tokens")
         if stats.dropped_turns:
             parts.append(f"{stats.dropped_turns} oldest exchange(s) left out to fit the context")
         parts += [f"⚠️ {note}" for note in stats.notes]
-    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"]}.get(finish or "", [])
+    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"], "length": ["token limit reached"]}.get(
+        finish or "", [])
     return " · ".join(parts)
-
-
-_DIRECTORIES = re.compile(r"(?<![\w:/.~])/(?:[^/\s'\"]+/)+")  # /a/b/ before a file name
-
-
-def error_text(exc: BaseException) -> str:
-    """The message shown to a user, with server directories left out of file paths (whatever the file
-    name starts with: a space, a quote)."""
-    text = str(exc) if isinstance(exc, VLMError) else f"{type(exc).__name__}: {exc}"
-    for directory in server_directories():  # with the directories under them, whatever their names hold
-        text = re.sub(re.escape(directory) + r"/(?:[^/\n]*/)*", "", text)
-    return _DIRECTORIES.sub("", text)
-
-
-def server_directories() -> list[str]:
-    """Directories of this server that may appear in messages (deepest first): Gradio's uploads, the
-    working directory, the temporary directory, the home directory."""
-    from gradio.utils import get_upload_folder
-
-    found = {os.path.realpath(d) for d in (get_upload_folder(), os.getcwd(), tempfile.gettempdir(),
-                                           os.path.expanduser("~"))}
-    found |= {os.path.abspath(d) for d in (get_upload_folder(), tempfile.gettempdir())}
-    return sorted((d for d in found if d != os.sep), key=len, reverse=True)
 
 
 def draw_boxes(answer: str, image_path: str) -> Image.Image | None:
