@@ -19,17 +19,21 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
+from .errors import DamagedVideoError, EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 
 # Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -75,7 +79,7 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """
     limit = _limits.max_image_pixels if max_pixels is None else max_pixels
     if isinstance(src, Image.Image):
-        return _decode(src, "The image", limit)
+        return (_blank_like if _dry_run.get() is not None else _decode)(src, "The image", limit)
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, data = "The image", bytes(src)
         if not data:
@@ -102,7 +106,7 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
             raise ImageDecodeError(f"{name} is not a supported image; use JPEG, PNG, WEBP, GIF or BMP.") from None
         except Exception as e:  # a recognised header that is broken
             raise ImageDecodeError(f"{name} cannot be decoded (corrupt or truncated): {e}") from e
-        return _decode(img, name, limit)
+        return (_blank_like if _dry_run.get() is not None else _decode)(img, name, limit)
 
 
 def _decode(img: Image.Image, name: str, limit: int) -> Image.Image:
@@ -117,6 +121,16 @@ def _decode(img: Image.Image, name: str, limit: int) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageDecodeError(f"{name} cannot be decoded (corrupt or truncated): {e}") from e
+
+
+def _blank_like(img: Image.Image, name: str, limit: int) -> Image.Image:
+    """A black RGB image of the size `_decode` would return (EXIF orientation applied), without decoding."""
+    if img.width * img.height > limit:
+        return _decode(img, name, limit)  # the same refusal
+    turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    blank = Image.new("RGB", (img.height, img.width) if turned else img.size)
+    _dry_run.get().append(Seen("image", blank.width, blank.height))
+    return blank
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -169,7 +183,8 @@ class VideoInfo:
     fps: float | None          # stream average_rate (frames per second), None if unknown
     num_frames: int            # exact unless num_frames_source == "estimated"
     duration: float            # seconds
-    num_frames_source: str     # "stream" (header), "packets" (counted by demuxing) or "estimated"
+    num_frames_source: str     # "stream" (header), "packets" (counted by demuxing), "estimated", or "decodable"
+                               # (a damaged video's frames before the damage, inside partial_videos())
     container: str = ""        # FFmpeg demuxer, e.g. "matroska,webm"
     codec: str = ""            # FFmpeg decoder, e.g. "h264"
 
@@ -210,8 +225,8 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
     if version.st_size > limits.max_video_bytes:
         raise VideoDecodeError(f"{name} is {_size(version.st_size)}; videos up to "
                                f"{_size(limits.max_video_bytes)} are accepted.")
-    info = _probe(name, (version.st_ino, version.st_size, version.st_mtime_ns), limits.max_video_frames,
-                  limits.decode_seconds, limits.decode_memory_bytes)
+    key = _file_version(name, version)
+    info = _probe(name, key[1:], limits.max_video_frames, limits.decode_seconds, limits.decode_memory_bytes)
     if info.duration > limits.max_video_seconds:
         raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
                                "are accepted. Trim it and try again.")
@@ -222,7 +237,14 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
         raise VideoDecodeError(f"{name} has {'more than ' if info.num_frames_source == 'packets' else ''}"
                                f"{min(info.num_frames, limits.max_video_frames):,} frames; videos up to "
                                f"{limits.max_video_frames:,} frames are accepted.")
-    return info
+    partial = _partial_videos.get()
+    decodable = _damaged.get(key) if partial is not None else None
+    return partial.prefix(info, decodable) if decodable else info
+
+
+def _file_version(name: str, version: os.stat_result) -> tuple[str, int, int, int]:
+    """A file's identity as the caches here key it: name, inode, size, modification time."""
+    return name, version.st_ino, version.st_size, version.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,11 +269,118 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLi
     if not wanted or min(wanted) < 0:
         raise InputError(f"Frame indices must be a non-empty list of non-negative ints, got {indices!r}.")
     info = probe_video(name, limits)
+    seen = _dry_run.get()
+    if seen is not None:  # as stored: a display rotation would swap height and width, which changes no count
+        seen.append(Seen("video", info.width, info.height, len(wanted)))
+        return np.zeros((len(wanted), info.height, info.width, 3), np.uint8)
     frames_bytes = len(wanted) * info.width * info.height * 3
     request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels}
-    header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
-                                   len(wanted) * limits.max_video_pixels * 3)
+    try:
+        header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
+                                       len(wanted) * limits.max_video_pixels * 3)
+    except DamagedVideoError as exc:
+        with _damaged_lock:
+            _damaged[_file_version(name, os.stat(name))] = exc.decodable
+            while len(_damaged) > DAMAGED_CACHE:
+                _damaged.popitem(last=False)
+        raise DamagedVideoError(_damage_message(name, exc.decodable, info.fps, exc.cause), name, exc.decodable,
+                                exc.cause) from None
     return np.frombuffer(payload, np.uint8).reshape(header["shape"])
+
+
+def _damage_message(name: str, decodable: int, fps: float | None, cause: str) -> str:
+    if not decodable:
+        return f"{name} is damaged from its first frame ({cause}); re-encode it or use another file."
+    length = f" ({decodable / fps:.1f} s)" if fps else ""
+    return (f"{name} is damaged: decoding fails after its first {decodable} frames{length} ({cause}). Re-encode "
+            "or trim the file, or answer from those frames (inside vlm.media.partial_videos(), as the demo and the "
+            "CLI do).")
+
+
+# ------------------------------------------------------------------------------ damaged videos, dry runs
+DAMAGED_CACHE = 256
+_damaged: OrderedDict[tuple, int] = OrderedDict()  # file version -> frames that decode before its damage
+_damaged_lock = threading.Lock()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PartialVideo:
+    """A damaged video read as the frames before its damage."""
+
+    path: str
+    used: int  # frames before the damage
+    total: int  # frames the file declares
+    seconds: float  # length of the part used
+
+    @property
+    def message(self) -> str:
+        return (f"{Path(self.path).name} is damaged after {self.seconds:.1f} s: the answer uses its first "
+                f"{self.used} of its {self.total} frames.")
+
+
+class _PartialVideos:
+    def __init__(self) -> None:
+        self.read: list[PartialVideo] = []
+        self.retried: set[str] = set()
+
+    def prefix(self, info: VideoInfo, decodable: int) -> VideoInfo:
+        """`info` cut to its first `decodable` frames, noted."""
+        seconds = decodable / info.fps if info.fps else info.duration * decodable / info.num_frames
+        if all(p.path != info.path for p in self.read):
+            self.read.append(PartialVideo(info.path, decodable, info.num_frames, seconds))
+        return replace(info, num_frames=decodable, duration=seconds, num_frames_source="decodable")
+
+
+_partial_videos: ContextVar[_PartialVideos | None] = ContextVar("vlm_partial_videos", default=None)
+_dry_run: ContextVar[list["Seen"] | None] = ContextVar("vlm_media_dry_run", default=None)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An image or video as a dry run handed it to a processor."""
+
+    kind: str  # "image" | "video"
+    width: int
+    height: int
+    frames: int = 1  # a video's sampled frames
+
+
+@contextmanager
+def partial_videos() -> Iterator[list[PartialVideo]]:
+    """Inside, a video found damaged is read as its frames before the damage (a pipeline samples them anew)
+    instead of raising DamagedVideoError; yields the list of the videos read so, filled as they are met.
+    Outside, the error stands. One damaged at its first frame is an error either way."""
+    token = _partial_videos.set(_PartialVideos())
+    try:
+        yield _partial_videos.get().read
+    finally:
+        _partial_videos.reset(token)
+
+
+def retrying_damaged_videos(build: Callable[[], T]) -> T:
+    """`build()`, which reads videos; inside partial_videos(), run again when it meets a damaged video (now
+    probed as its frames before the damage), once per video."""
+    partial = _partial_videos.get()
+    while True:
+        try:
+            return build()
+        except DamagedVideoError as exc:
+            if partial is None or not exc.decodable or exc.path in partial.retried:
+                raise
+            partial.retried.add(exc.path)
+
+
+@contextmanager
+def dry_run() -> Iterator[list[Seen]]:
+    """Inside, load_image and read_frames return black pixels of the right size without decoding anything
+    (videos are probed): a processor then builds inputs of the right shapes, to count tokens. Yields the
+    list of what they handed out, in order."""
+    token = _dry_run.set([])
+    try:
+        yield _dry_run.get()
+    finally:
+        _dry_run.reset(token)
 
 
 # --------------------------------------------------------------------------------- decoder child
@@ -308,6 +437,8 @@ def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 
         child.wait()
         child.stdout.close()
     if not header.get("ok"):
+        if header.get("kind") == "damaged":
+            raise DamagedVideoError(header["message"], name, int(header["decodable"]), str(header.get("cause", "")))
         raise VideoDecodeError(header.get("message") or f"{name} cannot be decoded.")
     return header, payload
 

@@ -35,9 +35,10 @@ DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 class Refused(Exception):
     """The file cannot be used; the message is meant for the user."""
 
-    def __init__(self, message: str, kind: str = "decode"):
+    def __init__(self, message: str, kind: str = "decode", **details: Any):
         super().__init__(message)
-        self.kind = kind  # "decode" | "memory"
+        self.kind = kind  # "decode" | "memory" | "damaged" (details: decodable frames, cause)
+        self.details = details
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -129,7 +130,6 @@ def read_frames(path: str, indices: list[int], max_pixels: int | None = None) ->
     try:
         container.seek(0)
         for i, frame in enumerate(container.decode(video=0)):
-            decoded = i + 1
             if i in wanted:
                 if max_pixels is not None and frame.width * frame.height > max_pixels:
                     raise Refused(f"{path} has a {frame.width}x{frame.height} frame, more than {max_pixels:,} pixels.")
@@ -141,12 +141,14 @@ def read_frames(path: str, indices: list[int], max_pixels: int | None = None) ->
                                   f"to {pixels.shape[1]}x{pixels.shape[0]}); re-encode it.")
                 out[wanted[i]] = pixels
                 found += 1
+            decoded = i + 1
             if i >= last:
                 break
     except MemoryError:
         raise Refused(f"{path} needs more memory to decode than this server allows.", "memory") from None
     except DECODE_ERRORS as e:
-        raise Refused(f"{path} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}") from e
+        raise Refused(f"{path} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}",
+                      "damaged", decodable=decoded, cause=getattr(e, "strerror", None) or str(e)) from e
     finally:
         container.close()
     if out is None or found < len(wanted):
@@ -195,7 +197,7 @@ def serve(request: dict[str, Any], out: BinaryIO) -> None:
             frames = read_frames(path, [int(i) for i in request["indices"]], request.get("max_pixels"))
             reply(out, {"ok": True, "shape": list(frames.shape)}, [memoryview(frames).cast("B")])
     except Refused as e:
-        reply(out, {"ok": False, "kind": e.kind, "message": str(e)})
+        reply(out, {"ok": False, "kind": e.kind, "message": str(e), **e.details})
     except MemoryError:
         reply(out, {"ok": False, "kind": "memory", "message": f"{request.get('path')} needs more memory to decode "
                                                                 "than this server allows."})

@@ -129,3 +129,11 @@ def batch_inputs(conversations: list[list[dict]], encode: Callable[[list[dict]],
             out[grid] = torch.cat([part[1] for part in parts])
     out["positions"], out["next_position"] = mrope_positions(input_ids.shape[1], kinds, runs)
     return out
+
+
+def grid_tokens(inputs: dict[str, Any], image_merge: int, video_merge: int) -> dict[str, list[int]]:
+    """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates): a grid
+    of t x h x w patches takes t * h * w / merge tokens."""
+    return {kind: [int(grid.prod()) // merge for grid in inputs.get(key, [])]
+            for kind, key, merge in (("image", "image_grid_thw", image_merge), ("video", "video_grid_thw", video_merge))}
+

@@ -27,7 +27,8 @@ from ..media import VideoSample, load_image, probe_video, read_frames, sample_fr
 from ..pipeline import pad_id
 from ..tokenizer import Tokenizer
 from .images import PatchSettings, frame_rows, image_rows, smart_resize
-from .prompt import IMAGE, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders, repeated
+from .prompt import (IMAGE, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders, grid_tokens,
+                     repeated)
 
 # Frames per second sampled from a video when neither the call nor the checkpoint says (the reference's
 # sampling default, as qwen-vl-utils uses it); the reference without sampling would keep every frame.
@@ -180,6 +181,10 @@ class QwenVLInputs:
         if seconds and self.tokens_per_second is not None:
             out["second_per_grid_ts"] = torch.tensor(seconds)
         return out
+
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates)."""
+        return grid_tokens(inputs, self.settings.merge_size**2, self.settings.merge_size**2)
 
     def resized_size(self, width: int, height: int, **media_options: Any) -> tuple[int, int]:
         """The (width, height) an image of this size is shown to the model at (Qwen2.5-VL boxes are in its pixels)."""

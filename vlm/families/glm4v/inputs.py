@@ -11,7 +11,7 @@ import torch
 from ...conversation import media_items, template_view
 from ...media import VideoSample, load_image
 from ...processing.prompt import (IMAGE, TEXT, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders,
-                                  repeated)
+                                  grid_tokens, repeated)
 from ...tokenizer import Tokenizer
 from .processor import VisionSettings, preprocess_images, preprocess_video
 
@@ -86,3 +86,7 @@ class Glm4vInputs:
             ids += [self.ids.begin_image, *[self.ids.image] * count, self.ids.end_image, *stamp]
             types += [TEXT, *[VIDEO] * count, TEXT, *[TEXT] * len(stamp)]
         return ids, types
+
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates)."""
+        return grid_tokens(inputs, self.settings.image.merge_size**2, self.settings.video.merge_size**2)

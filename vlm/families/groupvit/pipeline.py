@@ -123,7 +123,7 @@ def clean_labels(labels: Iterable[str] | str) -> tuple[str, ...]:
         kept.setdefault(unicodedata.normalize("NFC", label).lower(), label)
     kept.pop("", None)
     if not kept:
-        raise InputError("Give at least one non-empty label, e.g. ['cat', 'dog', 'grass'].")
+        raise InputError("Give at least one label: words separated by commas, e.g. cat, dog, grass.")
     return tuple(kept.values())
 
 

@@ -69,6 +69,14 @@ class LlavaOnevisionInputs:
         out["next_position"] = attention_mask.sum(-1)
         return out
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of one conversation's `inputs`, in order (for cost
+        estimates)."""
+        sizes = inputs.get("image_sizes", torch.zeros(0, 2, dtype=torch.long)).tolist()
+        frames = inputs.get("video_num_frames", torch.zeros(0, dtype=torch.long)).tolist()
+        return {"image": [self.settings.image_tokens(tuple(size), len(sizes) == 1, self.grid) for size in sizes],
+                "video": [self.settings.video_tokens(n, self.grid) for n in frames]}
+
     def _video(self, item: Media, options: dict[str, Any]) -> torch.Tensor:
         """Sample (the call's or the item's num_frames / fps, else the processor's), decode, preprocess."""
         s = self.settings.video
