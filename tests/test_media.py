@@ -304,6 +304,14 @@ def test_bounded_sampling_matches_qwen2_vl(total, video_fps):
     assert sample_frames_bounded(total, video_fps) == list(range(total))
 
 
+def test_bounded_sampling_never_steps_past_the_last_frame():
+    """The reference's float arange gives 15 indices for 14 frames of 300, the last one 300 (past the video):
+    we keep the first 14, which are the reference's."""
+    ref = Qwen2VLVideoProcessor().sample_frames(VideoMetadata(total_num_frames=300, fps=10.0), num_frames=14)
+    assert len(ref) == 15 and int(ref[-1]) == 300
+    assert sample_frames_bounded(300, 10.0, num_frames=14) == [int(i) for i in ref[:14]]
+
+
 @pytest.mark.parametrize("total, video_fps", [(310, 30.0), (17, 29.97), (1000, 24.0), (5, 60.0)])
 def test_uniform_sampling_matches_the_base_video_processor(total, video_fps):
     metadata = VideoMetadata(total_num_frames=total, fps=video_fps)

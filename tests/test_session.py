@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vlm
+import vlm.session
 import vlm.tiny
 from vlm.errors import InputError
 from vlm.reasoning import Delta, Report
@@ -348,3 +349,66 @@ def test_a_real_model_that_writes_its_end_token_finishes_with_stop(tmp_path):
     stops = vlm.tiny.write("qwen2_vl", tmp_path / "b", generation={"eos_token_id": first[0].token_ids})  # same weights
     last = finish(SessionManager(dtype="float32").generate("qwen2_vl", str(stops), TEXT, max_new_tokens=8))
     assert last.error is None and (last.finish, last.stats.tokens, last.answer) == ("stop", 0, "")
+
+
+# ------------------------------------------------------------------------------- frames and progress
+VIDEO_ONLY = [{"role": "user", "content": [{"type": "video", "path": VIDEO}, {"type": "text", "text": "Hm?"}]}]
+
+
+def test_a_video_sampled_by_rate_gets_a_rate_within_the_frame_cap():
+    """The defaults work for any video: sampling by rate is lowered to fit the cap, and said so; a frame count
+    stays what it is and is refused over the cap with advice that does not lead back to a refusal."""
+    manager = fake_manager(limits=Limits(max_frames=4))
+    for fps in (2.0, None):  # 6 frames at 2 fps, 30 when every frame is taken
+        options, note = manager.fit_frames(VIDEO_ONLY, {"fps": fps, "max_pixels": 100})
+        assert options["max_pixels"] == 100 and options["fps"] < 4 / 3  # 3 s at 10 fps
+        manager.check(VIDEO_ONLY, options)
+        assert "bouncing_ball.mp4 sampled at" in note and "at most 4 frames" in note
+        assert ("2 frames/s" if fps else "every frame") in note
+        last = finish(manager.generate("qwen2_vl", "q", VIDEO_ONLY, fit_frames=True, fps=fps))
+        assert last.error is None and note in last.stats.notes and manager.loads
+    assert manager.fit_frames(VIDEO_ONLY, {"fps": 1.0}) == ({"fps": 1.0}, None)  # 3 frames: within the cap
+    assert manager.fit_frames(VIDEO_ONLY, {"num_frames": 8}) == ({"num_frames": 8}, None)
+    with pytest.raises(InputError, match="Ask for fewer frames"):
+        manager.check(VIDEO_ONLY, {"num_frames": 8})
+    with pytest.raises(InputError, match="give a number of frames instead of an fps"):
+        manager.check(VIDEO_ONLY, {"fps": 2.0})
+
+
+def test_a_real_video_at_the_lowered_rate_stays_within_the_cap(tiny_qwen, tmp_path):
+    from tests.test_robustness_media import make_video
+
+    video = str(make_video(tmp_path / "long.mp4", 300, size=(64, 48)))  # 30 s at 10 fps: 60 frames at 2 fps
+    conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "Hm?"}]}]
+    manager = SessionManager(limits=Limits(max_frames=16), dtype="float32")
+    options, _ = manager.fit_frames(conversation, {"fps": 2.0})
+    pipe = manager.get("qwen2_vl", tiny_qwen)
+    t = int(pipe.encode(conversation, **options)["video_grid_thw"][0, 0])
+    assert 12 <= 2 * t <= 16  # frames sampled, in temporal patches of 2
+
+
+def test_a_generation_shows_each_step_before_its_first_token(tiny_qwen, monkeypatch):
+    snaps = []  # every snapshot the generation makes (a reader polling them may skip some)
+    update = vlm.session.Generation._update
+
+    def recorded(self, **changes):
+        update(self, **changes)
+        snaps.append(self.snapshot())
+
+    monkeypatch.setattr(vlm.session.Generation, "_update", recorded)
+    manager = SessionManager(dtype="float32")
+    conversation = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "video", "path": VIDEO},
+                                                 {"type": "text", "text": "Hi"}]}]
+    generation = manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=6, fps=2.0)
+    assert generation.join(30)
+    steps = [snap.step for snap in snaps if snap.step is not None]
+    assert all(not snap.answer for snap in snaps if snap.step is not None)  # steps come before the answer
+    streaming = [snap for snap in snaps if snap.answer and not snap.done]
+    assert streaming and all(snap.stats.tokens >= 1 and snap.stats.seconds_to_first_token for snap in streaming)
+    stages = [step.stage for step in steps]
+    assert stages.index("images") < stages.index("video") < stages.index("encoding") < stages.index("prompt")
+    assert [(s.done, s.total) for s in steps if s.stage == "encoding"] == [(1, 2), (2, 2)]  # the image, the video
+    last = generation.snapshot()
+    prompt = [s for s in steps if s.stage == "prompt"]
+    assert prompt[-1].done == prompt[-1].total == last.stats.prompt_tokens == last.stats.prefilled_tokens
+    assert last.step is None and last.stats.tokens == 6

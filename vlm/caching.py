@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import progress
 from .layers.attention import KVCache
 
 
@@ -25,13 +26,19 @@ class FeatureCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def __call__(self, encode: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+    def __call__(self, encode: Callable[..., torch.Tensor], *inputs: Any, items: int = 1) -> torch.Tensor:
+        """`encode(*inputs)`, or its earlier result for inputs of the same contents; reported as progress
+        ("encoding", `items` more images or videos encoded)."""
         key = _content_key(encode, inputs)
         with self._lock:
-            if key in self._items:
+            cached = self._items.get(key)
+            if cached is not None:
                 self._items.move_to_end(key)
-                return self._items[key]
+        if cached is not None:
+            progress.report("encoding", items)
+            return cached
         features = encode(*inputs)
+        progress.report("encoding", items)
         size = features.numel() * features.element_size()
         if size <= self.max_bytes:
             with self._lock:

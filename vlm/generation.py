@@ -7,6 +7,7 @@ A model used here exposes `embed(inputs)`, `embed_tokens(ids)`, `new_cache(batch
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from dataclasses import dataclass, fields, replace
@@ -14,8 +15,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import progress
 from .caching import PrefixPool
 from .errors import GenerationError, InputError, OutOfMemoryError, VLMError
+
+PREFILL_CHUNK = 512  # prompt tokens run per forward: the prompt's progress is reported after each
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,9 @@ def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids:
 
 
 def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | None):
-    """Run the prompt (only what a pooled cache does not already hold); return the cache, the last
-    logits and the prompt's input embeddings."""
+    """Run the prompt (only what a pooled cache does not already hold), PREFILL_CHUNK tokens at a time,
+    reporting progress ("prompt", tokens in the cache, prompt tokens); return the cache, the last logits
+    and the prompt's input embeddings."""
     ids, positions = inputs["input_ids"], inputs["positions"]
     embeds = model.embed(inputs)  # vision features come from the model's FeatureCache when known
     reused = pool.take(ids[0], positions[:, 0], embeds[0]) if pool is not None else None
@@ -160,8 +165,15 @@ def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | No
         cache, start = reused
         cache.truncate(start)
         cache.reserve(capacity)
-    hidden = model.forward(embeds[:, start:], positions[..., start:], cache, inputs["attention_mask"][:, start:].bool())
-    return cache, model.logits(hidden[:, -1]), embeds
+    valid, length = inputs["attention_mask"].bool(), ids.shape[1]
+    progress.report("prompt", start, length)
+    while True:
+        end = min(length, start + PREFILL_CHUNK)
+        hidden = model.forward(embeds[:, start:end], positions[..., start:end], cache, valid[:, start:end])
+        progress.report("prompt", end, length)
+        if end == length:
+            return cache, model.logits(hidden[:, -1]), embeds
+        start = end
 
 
 def run_in_thread(produce: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:
@@ -182,7 +194,8 @@ def run_in_thread(produce: Callable[[threading.Event], Iterator[Any]], cancel: t
         finally:
             items.put((True, done))
 
-    thread = threading.Thread(target=work, name="vlm-generate", daemon=True)
+    context = contextvars.copy_context()  # what the caller set (progress listener, partial videos) holds there too
+    thread = threading.Thread(target=context.run, args=(work,), name="vlm-generate", daemon=True)
     thread.start()
     finished = False
     try:

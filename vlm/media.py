@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from . import progress
 from .errors import DamagedVideoError, EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 
 # Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
@@ -107,6 +108,11 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
         except Exception as e:  # a recognised header that is broken
             raise ImageDecodeError(f"{name} cannot be decoded (corrupt or truncated): {e}") from e
         return (_blank_like if _dry_run.get() is not None else _decode)(img, name, limit)
+
+
+def load_images(sources: Sequence[ImageSource]) -> list[Image.Image]:
+    """`load_image` of each source, reported as progress ("images", n, N)."""
+    return [load_image(source) for source in progress.each("images", sources)]
 
 
 def _decode(img: Image.Image, name: str, limit: int) -> Image.Image:
@@ -274,10 +280,13 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLi
         seen.append(Seen("video", info.width, info.height, len(wanted)))
         return np.zeros((len(wanted), info.height, info.width, 3), np.uint8)
     frames_bytes = len(wanted) * info.width * info.height * 3
-    request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels}
+    request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels,
+               "progress": progress.listening()}
+    distinct = len(set(wanted))
     try:
         header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
-                                       len(wanted) * limits.max_video_pixels * 3)
+                                       len(wanted) * limits.max_video_pixels * 3,
+                                       lambda found: progress.report("video", found, distinct))
     except DamagedVideoError as exc:
         with _damaged_lock:
             _damaged[_file_version(name, os.stat(name))] = exc.decodable
@@ -396,9 +405,11 @@ def decoder_command() -> list[str]:
     return [sys.executable, "-I", str(SAFE_DECODE)]
 
 
-def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 0) -> tuple[dict, bytearray]:
+def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 0,
+                 on_frame: Callable[[int], None] = lambda found: None) -> tuple[dict, bytearray]:
     """Answer `request` in a fresh decoder child within `timeout` seconds and `memory` bytes beyond what
-    the child maps at start; (header, payload bytes).
+    the child maps at start; (header, payload bytes). `on_frame(n)` hears of each frame decoded when the
+    request asks for progress.
 
     The child's refusals become VideoDecodeError; so do a crash, a deadline passed, an early exit or a
     reply larger than `max_payload`.
@@ -413,10 +424,10 @@ def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 
         try:
             child.stdin.write(json.dumps(request).encode())
             child.stdin.close()
-            (size,) = struct.unpack("<Q", _read_exact(child.stdout, 8, deadline))
-            if size > _HEADER_BYTES:
-                raise EOFError
-            header = json.loads(_read_exact(child.stdout, size, deadline))
+            header = _read_header(child.stdout, deadline)
+            while "progress" in header:  # another requested frame decoded (requests with "progress")
+                on_frame(int(header["progress"]))
+                header = _read_header(child.stdout, deadline)
             payload = bytearray()
             if header.get("ok") and "shape" in header:
                 expected = math.prod(header["shape"])
@@ -441,6 +452,17 @@ def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 
             raise DamagedVideoError(header["message"], name, int(header["decodable"]), str(header.get("cause", "")))
         raise VideoDecodeError(header.get("message") or f"{name} cannot be decoded.")
     return header, payload
+
+
+def _read_header(pipe, deadline: float) -> dict:
+    """One length-prefixed JSON header of the child's reply."""
+    (size,) = struct.unpack("<Q", _read_exact(pipe, 8, deadline))
+    if size > _HEADER_BYTES:
+        raise EOFError
+    header = json.loads(_read_exact(pipe, size, deadline))
+    if not isinstance(header, dict):
+        raise EOFError
+    return header
 
 
 def _read_exact(pipe, size: int, deadline: float) -> bytearray:
@@ -519,8 +541,10 @@ def sample_frames_bounded(
 
     ``num_frames`` is rounded to a multiple of ``multiple`` (the temporal patch size); with ``fps`` the
     count is ``total/video_fps*fps`` clamped to [min_frames, max_frames] and to the video, then floored
-    to a multiple. Neither given: every frame. Deviation: where the reference divides by zero (a
-    count that rounds to 0, e.g. a 1-frame video), we take min(multiple, total) frames instead.
+    to a multiple. Neither given: every frame. Deviations: where the reference divides by zero (a
+    count that rounds to 0, e.g. a 1-frame video), we take min(multiple, total) frames instead; where its
+    float `arange` overshoots by one step (300 frames in 14: a last index of 300, past the video), we keep
+    the first `num_frames` indices.
     """
     if num_frames is not None and fps is not None:
         raise InputError("Give either num_frames or fps for video sampling, not both.")
@@ -541,4 +565,4 @@ def sample_frames_bounded(
         )
     if num_frames < 1:
         num_frames = min(multiple, total_frames)
-    return torch.arange(0, total_frames, total_frames / num_frames).int().tolist()
+    return torch.arange(0, total_frames, total_frames / num_frames).int()[:num_frames].tolist()

@@ -56,6 +56,16 @@ class ChatPipeline:
         self.stop_ids = stop_ids(generation_config, tokenizer)
         self.pad_id = pad_id(generation_config, tokenizer)
 
+    @property
+    def thinks(self) -> bool:
+        """Whether this checkpoint reasons before it answers: its template opens the reasoning (GLM-Z1) or
+        its vocabulary has the open tag as a token of its own (GLM-4.1V-Thinking); GLM-4-0414 does not."""
+        if self.thinking is None:
+            return False
+        template = self.tokenizer.template
+        return self.thinking.open in self.tokenizer.added_strings or (
+            template is not None and self.thinking.open in template.source)
+
     def encode(self, conversation: Any, enable_thinking: bool | None = None, **media_options: Any) -> dict[str, Any]:
         """Model inputs for one conversation or a batch: input_ids, attention_mask, vision tensors, positions."""
         unknown = set(media_options) - set(MEDIA_OPTIONS)

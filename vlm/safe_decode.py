@@ -6,11 +6,13 @@ wall-clock deadline. The child caps its own address space, CPU time and file wri
 JSON request read from stdin:
 
     {"op": "probe", "path": ..., "max_frames": int, "memory": bytes, "cpu_seconds": int}
-    {"op": "frames", "path": ..., "indices": [int, ...], "max_pixels": int, "memory": bytes, "cpu_seconds": int}
+    {"op": "frames", "path": ..., "indices": [int, ...], "max_pixels": int, "memory": bytes, "cpu_seconds": int,
+     "progress": bool}
 
 Reply on stdout: an 8-byte little-endian header length, a JSON header, then for "frames" the raw
-uint8 frames (n, H, W, 3). A refusal is {"ok": false, "kind": ..., "message": ...}. Only the standard
-library, numpy and av are imported so the child starts in a fraction of a second.
+uint8 frames (n, H, W, 3). A refusal is {"ok": false, "kind": ..., "message": ...}. With "progress",
+a frames reply is preceded by a header {"progress": n} each time another requested frame is decoded.
+Only the standard library, numpy and av are imported so the child starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 import os
 import struct
 import sys
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import av
 import numpy as np
@@ -113,12 +115,14 @@ def stream_duration(stream, container) -> float | None:
     return None
 
 
-def read_frames(path: str, indices: list[int], max_pixels: int | None = None) -> np.ndarray:
+def read_frames(path: str, indices: list[int], max_pixels: int | None = None,
+                found_one: Callable[[int], None] = lambda found: None) -> np.ndarray:
     """The frames at `indices` (decode order, like transformers' PyAV loader) as (n, H, W, 3) uint8.
 
     Frames are turned upright by the stream's display rotation (a multiple of 90 degrees), which the
     reference ignores. Decoding stops at the last requested frame. A frame missing (truncated file),
     undecodable, larger than `max_pixels` or of another size than the first one raises Refused.
+    `found_one(n)` is called when the n-th distinct requested frame is decoded.
     """
     wanted: dict[int, list[int]] = {}
     for position, index in enumerate(indices):
@@ -141,6 +145,7 @@ def read_frames(path: str, indices: list[int], max_pixels: int | None = None) ->
                                   f"to {pixels.shape[1]}x{pixels.shape[0]}); re-encode it.")
                 out[wanted[i]] = pixels
                 found += 1
+                found_one(found)
             decoded = i + 1
             if i >= last:
                 break
@@ -194,7 +199,8 @@ def serve(request: dict[str, Any], out: BinaryIO) -> None:
         if request["op"] == "probe":
             reply(out, {"ok": True, "info": probe(path, int(request["max_frames"]))})
         else:
-            frames = read_frames(path, [int(i) for i in request["indices"]], request.get("max_pixels"))
+            progress = (lambda found: reply(out, {"progress": found})) if request.get("progress") else (lambda _: None)
+            frames = read_frames(path, [int(i) for i in request["indices"]], request.get("max_pixels"), progress)
             reply(out, {"ok": True, "shape": list(frames.shape)}, [memoryview(frames).cast("B")])
     except Refused as e:
         reply(out, {"ok": False, "kind": e.kind, "message": str(e), **e.details})

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from . import progress
 from .conversation import drop_oldest_turn, media_items, normalize
 from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
 from .media import partial_videos
@@ -221,13 +222,36 @@ class SessionManager:
             if item.kind == "video":
                 frames = video_frames(item.source, options.get("fps"), options.get("num_frames"))
                 if frames > self.limits.max_frames:
+                    advice = ("Ask for fewer frames" if options.get("num_frames") else
+                              "Lower the video fps, or give a number of frames instead of an fps")
                     raise InputError(f"The video would use {frames} frames; this server allows at most "
-                                     f"{self.limits.max_frames}. Lower the video fps or set the number of frames.")
+                                     f"{self.limits.max_frames}. {advice}.")
+
+    def fit_frames(self, conversation: Any, options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """`options` under which no video of `conversation` samples more than the server's max_frames, and a
+        note saying what changed (None: nothing). A number of frames is kept as it is (`check` refuses one
+        over the cap); sampling by rate (`fps`, or every frame when None) gets a rate low enough for the
+        longest video, so the default settings work for any video the media limits let in."""
+        if options.get("num_frames"):
+            return options, None
+        from .media import probe_video
+
+        fps, cap = options.get("fps"), self.limits.max_frames
+        videos = [m.source for m in media_items(normalize(conversation)) if m.kind == "video"]
+        over = [probe_video(v) for v in videos if video_frames(v, fps, None) > cap]
+        if not over:
+            return options, None
+        longest = max(over, key=lambda info: _seconds(info))
+        lowered = (cap - 0.5) / _seconds(longest)  # ceil(seconds * rate) frames: at most `cap`
+        was = f"{fps:g} frames/s" if fps else "every frame"
+        return {**options, "fps": lowered}, (f"{Path(longest.path).name} sampled at {lowered:.3g} frames/s instead "
+                                             f"of {was} (this server takes at most {cap} frames per video).")
 
     def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
-                 **options: Any) -> "Generation":
-        """Start answering `conversation` in a background thread; see Generation."""
-        return Generation(self, family, source, conversation, options, cancel or threading.Event())
+                 fit_frames: bool = False, **options: Any) -> "Generation":
+        """Start answering `conversation` in a background thread; see Generation. With `fit_frames`, videos
+        sampled by rate are sampled at a lower one when they would exceed the frame cap (see `fit_frames`)."""
+        return Generation(self, family, source, conversation, options, cancel or threading.Event(), fit_frames)
 
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
@@ -247,6 +271,7 @@ class Stats:
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
     notes: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a damaged video cut short)
     prompt_tokens: int | None = None
+    prefilled_tokens: int | None = None  # prompt tokens run by the model (the rest came from a reused KV cache)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -268,7 +293,18 @@ class Snapshot:
     done: bool = False
     finish: str | None = None  # when done: "stop" | "length" (token budget) | "cancelled" | "timeout" | "error"
     error: BaseException | None = None
-    stats: Stats | None = None
+    stats: Stats | None = None  # when done; while streaming, the figures so far (tokens, seconds, time to first token)
+    step: "Step | None" = None  # the work under way before the first token, with its numbers
+
+
+@dataclass(frozen=True)
+class Step:
+    """Work under way before the first token: `done` of `total` frames of a video decoded ("video"), images
+    loaded ("images"), images and videos encoded ("encoding"), prompt tokens read ("prompt")."""
+
+    stage: str
+    done: int
+    total: int
 
 
 class Generation:
@@ -282,10 +318,12 @@ class Generation:
     """
 
     def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
-                 options: dict[str, Any], cancel: threading.Event):
+                 options: dict[str, Any], cancel: threading.Event, fit_frames: bool = False):
         self.family, self.source = family, source
         self._manager, self._conversation, self._options = manager, conversation, options
-        self._cancel = cancel
+        self._cancel, self._fit_frames = cancel, fit_frames
+        self._encoded = 0  # images and videos encoded so far
+        self._prefill: tuple[int, int] | None = None  # (prompt tokens already cached, prompt tokens), once known
         self._timed_out = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -321,6 +359,15 @@ class Generation:
         with self._lock:
             self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
 
+    def _progress(self, stage: str, done: int, total: int | None) -> None:
+        """A progress report of the library (vlm.progress), from whichever thread does the work."""
+        if stage == "encoding":  # counted here: of the request's images and videos
+            self._encoded += done
+            done, total = self._encoded, max(self._encoded, self._media)
+        elif stage == "prompt" and self._prefill is None:
+            self._prefill = (done, total)
+        self._update(step=Step(stage, done, total))
+
     def _run(self) -> None:
         manager = self._manager
         timer = threading.Timer(manager.limits.max_seconds, self._time_up)
@@ -329,9 +376,13 @@ class Generation:
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
         tokens, report = 0, Report(None, None, None)
-        finish, error, stats = "stop", None, None
+        finish, error, stats, notes = "stop", None, None, ()
         try:
+            if self._fit_frames:
+                self._options, note = manager.fit_frames(self._conversation, self._options)
+                notes = (note,) if note else ()
             manager.check(self._conversation, self._options)
+            self._media = len(media_items(normalize(self._conversation)))
             timer.start()
             with manager.slot(self.family, self._cancel) as acquired:
                 if acquired:
@@ -341,7 +392,8 @@ class Generation:
                 if acquired and not self._cancel.is_set():
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
-                    with partial_videos() as partial:  # a damaged video: its frames before the damage, said so
+                    # a damaged video: its frames before the damage, said so; the library's progress shown
+                    with partial_videos() as partial, progress.reporting(self._progress):
                         conversation, deltas, dropped = self._open_stream(pipeline)
                         for delta in deltas:
                             tokens = delta.tokens
@@ -351,10 +403,13 @@ class Generation:
                             first = first or time.perf_counter()
                             part = "thinking" if delta.kind == "thinking" else "answer"
                             texts[part] += delta
-                            self._update(**{part: texts[part]})
+                            live = Stats(first - start, tokens, time.perf_counter() - start, None)
+                            self._update(**{part: texts[part]}, step=None, stats=live)
+                        prefilled = None if self._prefill is None else self._prefill[1] - self._prefill[0]
                         stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                      report.visual_tokens, dropped, tuple(video.message for video in partial),
-                                      report.prompt_tokens)
+                                      report.visual_tokens, dropped,
+                                      notes + tuple(video.message for video in partial), report.prompt_tokens,
+                                      prefilled)
             # the family's slot is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
@@ -370,7 +425,7 @@ class Generation:
                 timer.join()
             if isinstance(error, OutOfMemoryError):  # the failed request's tensors are unreachable by now
                 _free_memory()
-            self._update(status="", done=True, finish=finish, error=error, stats=stats)
+            self._update(status="", done=True, finish=finish, error=error, stats=stats, step=None)
             self._done.set()
 
     def _open_stream(self, pipeline: Any) -> tuple[Any, Iterator[Any], int]:
@@ -444,6 +499,11 @@ def checkpoint_family(directory: Path) -> str:
     from .families import detect_family
 
     return detect_family(read_config(directory)).name
+
+
+def _seconds(info: Any) -> float:
+    """A probed video's length in seconds: its duration, or its frames at its rate when that is longer."""
+    return max(info.duration, info.num_frames / info.fps if info.fps else 0.0)
 
 
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:

@@ -32,6 +32,7 @@ class Tokenizer:
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self.special_strings = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
+        self.added_strings = {t.content for t in added.values()}  # tokens added to the vocabulary, special or not
         self.template = ChatTemplate.find(directory, self.config, self.special_token_strings())
 
     def special_token_strings(self) -> dict[str, str]:

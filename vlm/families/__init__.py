@@ -20,6 +20,7 @@ class Family:
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
     default_checkpoint: str
+    media: tuple[str, ...] = ("image", "video")  # what a conversation may show the family besides text
 
     @property
     def module(self) -> ModuleType:
@@ -40,9 +41,9 @@ FAMILIES = {
                "Qwen/Qwen2.5-VL-3B-Instruct"),
         Family("llava_onevision", ("llava_onevision",), ("LlavaOnevisionForConditionalGeneration",),
                "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
-        Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc"),
+        Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc", media=("image",)),
         Family("glm4v", ("glm4v",), ("Glm4vForConditionalGeneration",), "THUDM/GLM-4.1V-9B-Thinking"),
-        Family("glm4", ("glm4",), ("Glm4ForCausalLM",), "THUDM/GLM-4-9B-0414"),
+        Family("glm4", ("glm4",), ("Glm4ForCausalLM",), "THUDM/GLM-4-9B-0414", media=()),
     )
 }
 

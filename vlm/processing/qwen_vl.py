@@ -23,7 +23,7 @@ from PIL import Image
 from ..checkpoint import read_processor_configs
 from ..conversation import media_items, template_view
 from ..errors import InputError
-from ..media import VideoSample, load_image, probe_video, read_frames, sample_frames_bounded
+from ..media import VideoSample, load_images, probe_video, read_frames, sample_frames_bounded
 from ..pipeline import pad_id
 from ..tokenizer import Tokenizer
 from .images import PatchSettings, frame_rows, image_rows, smart_resize
@@ -194,7 +194,7 @@ class QwenVLInputs:
 
     def _vision(self, messages, options):
         media = media_items(messages)
-        images = [load_image(m.source) for m in media if m.kind == "image"]
+        images = load_images([m.source for m in media if m.kind == "image"])
         pixel_args = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
         image_part = preprocess_images(images, self.settings, **pixel_args) if images else None
         videos = [preprocess_video(m.source, self.settings, **self._sampling({**options, **m.options}), **pixel_args)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...conversation import media_items, template_view
-from ...media import VideoSample, load_image
+from ...media import VideoSample, load_images
 from ...processing.prompt import (IMAGE, TEXT, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders,
                                   grid_tokens, repeated)
 from ...tokenizer import Tokenizer
@@ -45,7 +45,7 @@ class Glm4vInputs:
     def _vision(self, messages, options):
         media = media_items(messages)
         pixels = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
-        images = [load_image(m.source) for m in media if m.kind == "image"]
+        images = load_images([m.source for m in media if m.kind == "image"])
         image_part = preprocess_images(images, self.settings.image, **pixels) if images else None
         videos = [preprocess_video(m.source, self.settings.video, fps=m.options.get("fps", options.get("fps")),
                                    num_frames=m.options.get("num_frames", options.get("num_frames")), **pixels)

@@ -64,7 +64,7 @@ class Glm4v(nn.Module):
             grids = inputs[grid]
             if kind == 2:
                 grids = torch.repeat_interleave(grids, grids[:, 0], dim=0).index_fill(1, torch.tensor([0]), 1)
-            features = self.features(self.visual, inputs[pixels].to(embeds.device), grids)
+            features = self.features(self.visual, inputs[pixels].to(embeds.device), grids, items=len(inputs[grid]))
             slots = (ids == self.image_token_id) & (inputs["mm_token_type_ids"].to(ids.device) == kind)
             if int(slots.sum()) != features.shape[0]:
                 raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")

@@ -9,7 +9,7 @@ import torch
 
 from ...conversation import Media, left_pad, media_items, template_view
 from ...errors import InputError
-from ...media import load_image, probe_video, read_frames, sample_frames_uniform
+from ...media import load_images, probe_video, read_frames, sample_frames_uniform
 from ...tokenizer import Tokenizer
 from .processor import ProcessorSettings, pad_stack, preprocess_frames, preprocess_image
 
@@ -43,7 +43,7 @@ class LlavaOnevisionInputs:
             ids = self.tokenizer.encode_chat(_text_parts(template_view(messages)),
                                              add_generation_prompt=add_generation_prompt, **template_vars)
             media = media_items(messages)
-            pictures = [load_image(m.source) for m in media if m.kind == "image"]
+            pictures = load_images([m.source for m in media if m.kind == "image"])
             clips = [self._video(m, media_options) for m in media if m.kind == "video"]
             anyres = len(pictures) == 1  # the reference tiles a conversation's image only when it is alone
             counts = {

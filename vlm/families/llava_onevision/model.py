@@ -216,10 +216,11 @@ class LlavaOnevision(nn.Module):
         embeds = self.embed_tokens(ids)
         if "pixel_values" in inputs:
             features = self.features(self.image_features, inputs["pixel_values"], inputs["image_sizes"],
-                                     inputs.get("batch_num_images"))
+                                     inputs.get("batch_num_images"), items=len(inputs["image_sizes"]))
             _scatter(embeds, ids == self.cfg.image_token_id, features, "image")
         if "pixel_values_videos" in inputs:
-            features = self.features(self.video_features, inputs["pixel_values_videos"], inputs.get("video_num_frames"))
+            features = self.features(self.video_features, inputs["pixel_values_videos"], inputs.get("video_num_frames"),
+                                     items=len(inputs["pixel_values_videos"]))
             _scatter(embeds, ids == self.cfg.video_token_id, features, "video")
         return embeds
 

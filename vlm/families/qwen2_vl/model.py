@@ -44,7 +44,8 @@ class Qwen2VL(nn.Module):
                                     (self.video_token_id, "pixel_values_videos", "video_grid_thw")):
             if pixels not in inputs:
                 continue
-            features = self.features(self.visual, inputs[pixels].to(embeds.device), inputs[grid])
+            features = self.features(self.visual, inputs[pixels].to(embeds.device), inputs[grid],
+                                     items=len(inputs[grid]))
             slots = ids == token
             if int(slots.sum()) != features.shape[0]:
                 raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")
