@@ -8,10 +8,10 @@ import logging
 
 from vlm.ui import Settings, build, launch
 
+logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("vlm").setLevel(logging.INFO)  # tiny checkpoints served, refused requests, failures
 settings = Settings.from_env()
 demo = build(settings)
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vlm").setLevel(logging.INFO)  # refused requests (one line each) and failures
     launch(demo, settings)

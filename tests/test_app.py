@@ -403,6 +403,8 @@ def test_request_options():
     assert sampled["do_sample"] and sampled["temperature"] == 0.7 and sampled["seed"] == 3
     media = (sampled["max_pixels"], sampled["fps"], sampled["num_frames"], sampled["thinking_budget"])
     assert media == (50176, None, 8, 100)
+    counted = request_options(64, 0, 1, 0, 1, -1, 0, 2.0, 4, -1)  # frames given: the fps is not sent with them
+    assert (counted["fps"], counted["num_frames"]) == (None, 4)
 
 
 def test_turns_render_thinking_stats_errors_and_boxes():
@@ -424,7 +426,7 @@ def test_turns_render_thinking_stats_errors_and_boxes():
     done = answer_messages(Snapshot(2, "", "let me see", "<|box_start|>(1,2),(3,4)<|box_end|>", done=True,
                                     finish="cancelled", stats=Stats(0.25, 11, 1.25, 64)))
     assert done[0]["metadata"]["status"] == "done"
-    stats = "0.25 s to first token · 10.0 tokens/s · 64 visual tokens · stopped"
+    stats = "0.25 s to first token · 10.0 tokens/s · 11 tokens · 64 visual tokens · stopped"
     assert done[1]["content"] == f"(1,2),(3,4)\n\n<sub>{stats}</sub>"
     failed = answer_messages(Snapshot(3, "", "", "", done=True, finish="error", error=vlm.errors.InputError("bad")))
     assert failed == [{"role": "assistant", "content": "⚠️ **Error:** bad"}]
@@ -455,7 +457,7 @@ def test_boxes_are_drawn_in_the_familys_coordinates(tmp_path, monkeypatch):
     image = str(ROOT / "assets" / "shapes.png")  # 640x480
     state = ChatState()
     state.turns.append(Turn(user_turn("Where?", [image])[0], 0))
-    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"])
+    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"], None, None)
     frames = [pipe.box_frame(640, 480, max_pixels=max_pixels) for max_pixels in (None, 28 * 28 * 16)]
     assert frames[0] != frames[1] and (640, 480) not in frames
     for max_pixels, (width, height) in zip((None, 28 * 28 * 16), frames):

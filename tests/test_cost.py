@@ -150,6 +150,21 @@ def test_fit_lowers_pixels_and_frames_until_the_prompt_fits(pipes, media, family
         fit(pipe, conversation, budget=10)
 
 
+def test_fit_never_makes_an_image_take_more_tokens(pipes, media, tmp_path):
+    """The tiny Qwen2-VL's own max_pixels is below this photo's size: a max_pixels scaled from the photo's size
+    alone would enlarge it while the video's frames pay for it."""
+    pipe = pipes["qwen2_vl"]
+    photo = tmp_path / "photo.png"
+    Image.radial_gradient("L").convert("RGB").resize((640, 480)).save(photo)
+    conversation = [{"role": "user", "content": [{"type": "image", "path": str(photo)},
+                                                 {"type": "video", "path": str(media["video"])}]}]
+    full = estimate(pipe, conversation)
+    assert estimate(pipe, conversation, max_pixels=640 * 480 // 2).visual_tokens > full.visual_tokens
+    options, cost = fit(pipe, conversation, budget=full.prompt_tokens - 1)
+    assert cost.prompt_tokens < full.prompt_tokens
+    assert all(new.tokens <= old.tokens for new, old in zip(cost.media, full.media)), (cost.media, full.media)
+
+
 def test_prefill_rate_is_the_mean_of_the_last_answers():
     rate = PrefillRate(window=2)
     assert rate.value is None

@@ -92,7 +92,9 @@ def fit(pipe: Any, conversation: Any, budget: int, steps: int = 10,
         **media_options: Any) -> tuple[dict[str, Any], Cost]:
     """Media options, no larger than `media_options`, under which the prompt takes at most `budget` tokens,
     and the cost then: max_pixels and the videos' frame count scaled down together (the largest scale
-    found by bisection). Raises InputError when even the smallest settings do not fit."""
+    found by bisection), no image or video taking more tokens than it did before (a max_pixels above the
+    processor's own default would enlarge images). Raises InputError when even the smallest settings do
+    not fit."""
     cost = estimate(pipe, conversation, **media_options)
     if cost.prompt_tokens <= budget:
         return dict(media_options), cost
@@ -114,7 +116,8 @@ def fit(pipe: Any, conversation: Any, budget: int, steps: int = 10,
             found = estimate(pipe, conversation, **scaled(scale))
         except VLMError:  # settings the processor refuses do not fit
             return None
-        return found if found.prompt_tokens <= budget else None
+        cheaper = all(new.tokens <= old.tokens for new, old in zip(found.media, cost.media))
+        return found if found.prompt_tokens <= budget and cheaper else None
 
     best = fits(0.0)
     if best is None:

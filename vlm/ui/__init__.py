@@ -28,6 +28,7 @@ from ..session import SessionManager
 from . import zerogpu
 from .chat import ChatTab
 from .checkpoints import Catalog, is_remote
+from .logs import log
 from .segment import SegmentTab
 from .server import BodyLimit, hardened
 from .sessions import Sessions
@@ -46,6 +47,16 @@ class Defences:
     uploads: Uploads
     sessions: Sessions
 
+# On narrow screens the columns stack: the model picker and settings come before the chat, not after its examples.
+CSS = "@media (max-width: 768px) { #chat-settings { order: -1; } }"
+# Example videos show their first frame as a thumbnail before anything is played (browsers that only read a
+# video's metadata, as phones do, otherwise show an empty box).
+HEAD = """<script>
+new MutationObserver(() => document.querySelectorAll(".gallery video:not([data-thumbnail])").forEach(video => {
+  video.dataset.thumbnail = "1"; video.preload = "auto"; video.muted = true;
+  video.addEventListener("loadedmetadata", () => { if (video.paused) video.currentTime = 0.001; }, {once: true});
+})).observe(document.documentElement, {childList: true, subtree: true});
+</script>"""
 INTRO = ("# Vision-language models in plain PyTorch\n"
          "Chat about images and videos, or segment an image into the words you give. Families: {families}.")
 
@@ -55,6 +66,9 @@ def build(settings: Settings) -> gr.Blocks:
     # Defence in depth: any image decoded outside vlm.media (by Gradio or a library) meets the same limit.
     Image.MAX_IMAGE_PIXELS = settings.media.max_image_pixels // 2
     catalog = Catalog.discover(settings)
+    if catalog.tiny_families():
+        log.warning("Serving tiny random checkpoints (the answers are random) for %s: %s.",
+                    ", ".join(catalog.tiny_families()), catalog.tiny_reason())
     served = catalog.families
     segmentation = [name for name in served if is_segmentation(name)]
     chat = [name for name in served if name not in segmentation]
@@ -79,7 +93,7 @@ def build(settings: Settings) -> gr.Blocks:
         with gr.Tabs():
             if chat:
                 with gr.Tab("Chat", id="chat"):
-                    examples.append(ChatTab(manager, catalog, chat, gate, uploads).build(demo))
+                    examples += ChatTab(manager, catalog, chat, gate, uploads).build(demo)
             if segmentation:
                 with gr.Tab("Segmentation", id="segmentation"):
                     examples.append(SegmentTab(manager, catalog, segmentation, gate, uploads).build())
@@ -110,7 +124,7 @@ def launch(demo: gr.Blocks, settings: Settings, **options: Any) -> None:
     with hardened(settings.server):
         demo.launch(max_file_size=settings.uploads.file_bytes, show_error=False, ssr_mode=False,
                     footer_links=["api", "gradio"], app_kwargs={"middleware": middleware, "routes": routes},
-                    prevent_thread_lock=True, **options)
+                    prevent_thread_lock=True, css=CSS, head=HEAD, **options)
     defences.sessions.install(demo.state_holder)
     defences.gate.sessions = defences.sessions
     if block:

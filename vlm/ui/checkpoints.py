@@ -110,23 +110,25 @@ class Catalog:
 
         return resolve(source)
 
+    def tiny_reason(self) -> str:
+        """Why families run on tiny random checkpoints."""
+        from huggingface_hub import constants
+
+        if self.settings.tiny:
+            return "VLM_TINY=1 is set"
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set and the weights are not in the cache"
+        return "the Hugging Face Hub cannot be reached and the weights are not in the cache"
+
     def banner(self) -> str:
         """Markdown warning shown when some family serves random answers ("" when none does)."""
         tiny = self.tiny_families()
         if not tiny:
             return ""
-        from huggingface_hub import constants
-
-        if self.settings.tiny:
-            why = "VLM_TINY=1 is set"
-        elif constants.HF_HUB_OFFLINE:
-            why = "HF_HUB_OFFLINE is set and the weights are not in the cache"
-        else:
-            why = "the Hugging Face Hub cannot be reached and the weights are not in the cache"
         example = tiny[0]
         return (
             f"⚠️ **Demo mode: answers are random.** {', '.join(tiny)} run on tiny random checkpoints built into "
-            f"this app ({why}). To use real weights, start the app with "
+            f"this app ({self.tiny_reason()}). To use real weights, start the app with "
             f"`VLM_MODEL_{example.upper()}={FAMILIES[example].default_checkpoint}` (a hub id) or "
             f"`VLM_MODEL_{example.upper()}=/path/to/checkpoint` (a local directory), or with hub access pick "
             "the hub checkpoint in the *Checkpoint* box."

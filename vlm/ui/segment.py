@@ -8,10 +8,13 @@ with its check (vlm/ui/validation.py) and the events get the raw, checked values
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.processing_utils import save_pil_to_cache
+from PIL import Image
 
 from ..errors import InputError, VLMError
 from ..families import FAMILIES
@@ -44,7 +47,7 @@ class SegmentTab:
     def build(self) -> gr.Examples:
         """Lay out the tab inside the current Blocks and wire its events; returns its examples."""
         first, gate = self.families[0], self.gate
-        result = gr.State(None)  # the last Segmentation of this session
+        result = gr.State(None)  # the last Segmentation of this session, and its input's name
         with gr.Row():
             with gr.Column():
                 image = gate.field(gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
@@ -62,7 +65,7 @@ class SegmentTab:
                                         elem_id="seg-threshold")
                 run = gr.Button("Segment", variant="primary", elem_id="segment")
                 examples = gr.Examples([[str(ASSETS / name), text] for name, text in EXAMPLES], inputs=[image, labels],
-                                       label="Examples (made by assets/make_assets.py)")
+                                       label="Examples")
                 gate.field(examples.dataset, check.example(len(EXAMPLES)))
             with gr.Column():
                 overlay = gr.Image(type="pil", format="png", label="Overlay (PNG)", interactive=False,
@@ -81,6 +84,7 @@ class SegmentTab:
         for control in (opacity, names, shown):
             control.input(self.redraw, [result, opacity, names, shown], overlay, api_visibility="private",
                           preprocess=False)
+        self.overlay = overlay
         return examples
 
     def segment(self, image: dict[str, Any] | None, labels: str, family: str, checkpoint: str, threshold: float,
@@ -100,12 +104,18 @@ class SegmentTab:
                                    value=list(seg.labels),
                                    info=f"Background (no label confident enough): {100 * seg.background_area:.1f}%")
         percent["background"] = round(100 * seg.background_area, 1)
-        return seg.overlay(opacity=opacity, show_labels=names), toggles, percent, seg
+        name = re.sub(r"[^\w.-]+", "_", Path(image["path"]).stem)[:80] or "image"
+        return self.saved(seg.overlay(opacity=opacity, show_labels=names), name), toggles, percent, (seg, name)
 
-    def redraw(self, seg: Any, opacity: float, names: bool, shown: list[str]):
-        if seg is None:
+    def redraw(self, result: tuple[Any, str] | None, opacity: float, names: bool, shown: list[str]):
+        if result is None:
             return gr.update()
-        return seg.overlay(opacity=opacity, show_labels=names, only=shown)
+        seg, name = result
+        return self.saved(seg.overlay(opacity=opacity, show_labels=names, only=shown), name)
+
+    def saved(self, overlay: Image.Image, name: str) -> str:
+        """The overlay as a PNG in Gradio's cache, named after the input ("cat-overlay.png", not "image.png")."""
+        return save_pil_to_cache(overlay, self.overlay.GRADIO_CACHE, name=f"{name}-overlay", format="png")
 
     def _run(self, family: str, source: str, image: str, labels: str, threshold: float) -> Any:
         return self.manager.segment(family, source, image, labels, threshold=threshold)

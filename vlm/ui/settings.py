@@ -79,6 +79,7 @@ class Settings:
     api: ApiSettings = ApiSettings()
     remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
     remote_concurrency: int = 8
+    prompt_budget: int = 8192  # prompt tokens above which the chat offers to fit a question's images and video
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -153,6 +154,7 @@ class Settings:
             ),
             remote=servers_from_env(env, FAMILIES),
             remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
+            prompt_budget=int(number("VLM_PROMPT_BUDGET", 8192)),
         )
 
     def request_bounds(self) -> Bounds:

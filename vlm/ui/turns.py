@@ -8,11 +8,13 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from ..boxes import FrameRule, parse_boxes, relative_frame, strip_markup
+from ..cost import Cost
 from ..errors import InputError, error_text
 from ..media import load_image
 from ..session import Snapshot, Stats, text_chars
@@ -37,6 +39,7 @@ class ChatState:
         self.shown: list[Message] = []  # the chatbot's messages
         self.cancel = threading.Event()  # the answer being written stops when it is set (Stop / Clear)
         self.busy = False  # an answer is being written
+        self.cached_tokens = 0  # prompt and answer tokens of the last answer, which the model keeps for the next
 
     def __deepcopy__(self, memo: dict) -> "ChatState":
         return ChatState()
@@ -89,7 +92,10 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
     text = strip_markup(snap.answer)
     if not snap.done:
         if text or not snap.thinking:
-            out.append({"role": "assistant", "content": text or f"*{snap.status}*"})
+            live = f"\n\n<sub>{live_line(snap.stats)}</sub>" if text and snap.stats is not None else ""
+            out.append({"role": "assistant", "content": f"{text}{live}" if text else f"*{waiting_line(snap)}*"})
+        elif snap.stats is not None:  # still thinking: the figures so far under the reasoning
+            out.append({"role": "assistant", "content": f"<sub>{live_line(snap.stats)}</sub>"})
         return out
     footer = stats_line(snap.stats, snap.finish)
     if snap.error is None or text:
@@ -100,14 +106,37 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
     return out
 
 
+STEPS = {  # what the model is doing before its first token, with its numbers
+    "video": lambda done, total: f"Decoding the video: frame {done} of {total}",
+    "images": lambda done, total: f"Loading the images: {done} of {total}",
+    "encoding": lambda done, total: f"Encoding the images and videos: {done} of {total}",
+    "prompt": lambda done, total: f"Reading the prompt: {done:,} of {total:,} tokens ({100 * done // total}%)",
+}
+
+
+def waiting_line(snap: Snapshot) -> str:
+    """The line shown before the first token: the step under way, else the status."""
+    step = snap.step
+    if step is None or step.stage not in STEPS:
+        return snap.status
+    return STEPS[step.stage](step.done, max(step.total, 1))
+
+
+def live_line(stats: Stats) -> str:
+    """The figures of an answer being written, e.g. "37 tokens · 8.1 tokens/s"."""
+    speed = f" · {stats.tokens_per_second:.1f} tokens/s" if stats.tokens_per_second is not None else ""
+    return f"{stats.tokens} tokens{speed}"
+
+
 def stats_line(stats: Stats | None, finish: str | None) -> str:
-    """E.g. "0.21 s to first token · 31.5 tokens/s · 300 prompt tokens · 256 visual tokens · stopped"."""
+    """E.g. "0.21 s to first token · 31.5 tokens/s · 64 tokens · 300 prompt tokens · 256 visual tokens · stopped"."""
     parts = []
     if stats is not None:
         if stats.seconds_to_first_token is not None:
             parts.append(f"{stats.seconds_to_first_token:.2f} s to first token")
         if stats.tokens_per_second is not None:
             parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
+        parts.append(f"{stats.tokens} tokens")
         if stats.prompt_tokens is not None:
             parts.append(f"{stats.prompt_tokens} prompt tokens")
         if stats.visual_tokens is not None:
@@ -118,6 +147,52 @@ def stats_line(stats: Stats | None, finish: str | None) -> str:
     parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"], "length": ["token limit reached"]}.get(
         finish or "", [])
     return " · ".join(parts)
+
+
+def cost_text(cost: Cost, budget: int, rate: float | None, cached: int, notes: tuple[str, ...] = ()) -> str:
+    """The composer's line on what a question will cost: each image and video with its visual tokens, the
+    totals, the context left, the time to the first token at the measured `rate` (prompt tokens per second;
+    the `cached` tokens of the chat's last answer are not read again), and whether it is over `budget`."""
+    items = [f"{m.name} **{m.tokens:,}** visual tokens ({m.width}×{m.height}"
+             + (f", {m.frames} frames)" if m.kind == "video" else ")") for m in cost.media]
+    parts = [*items, f"total **{cost.visual_tokens:,}** visual tokens",
+             f"prompt **{cost.prompt_tokens:,}** tokens, **{cost.context_left:,}** of {cost.context:,} left"]
+    if rate:
+        seconds = max(cost.prompt_tokens - cached, 0) / rate
+        parts.append(f"≈ {seconds:,.0f} s to the first token (at {rate:,.0f} prompt tokens/s here)")
+    else:
+        parts.append("time to the first token: measured from the first answer")
+    lines = ["**This question:** " + " · ".join(parts)]
+    if cost.prompt_tokens > budget:
+        lines.append(f"⚠️ Over the budget of {budget:,} prompt tokens: *Fit* lowers the image size and video frames.")
+    lines += [f"⚠️ {note}" for note in notes]
+    return "\n\n".join(lines)
+
+
+def text_only(family: str, reads: tuple[str, ...], conversation: list[Message], others: list[str]) -> None:
+    """Raise InputError when the conversation shows `family` an image or video it does not read."""
+    kinds = {part["type"] for message in conversation if isinstance(message["content"], list)
+             for part in message["content"]}
+    unread = sorted(kinds & {"image", "video"} - set(reads))
+    if unread:
+        which = f" ({', '.join(others)} do)" if others else ""
+        raise InputError(f"{family} reads text only, not {' or '.join(k + 's' for k in unread)}: remove them (or "
+                         f"Clear the chat), or pick a family that reads them{which}.")
+
+
+def animated_note(images: list[str]) -> tuple[str, ...]:
+    """A note for each animated image (a GIF, an APNG): the model sees its first frame only."""
+    notes = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
+        except (OSError, ValueError):
+            continue  # not readable: the model's own error says so
+        if frames > 1:
+            notes.append(f"{Path(path).name} is animated ({frames} frames): the model sees its first frame only. "
+                         "To ask about its motion, convert it to a video (MP4) and attach that.")
+    return tuple(notes)
 
 
 def draw_boxes(answer: str, image_path: str, frame: FrameRule = relative_frame) -> Image.Image | None:

@@ -72,7 +72,10 @@ def render(seg: Segmentation, opacity: float = 0.5, show_labels: bool = True, le
         draw = ImageDraw.Draw(image)
         for label in place_labels(seg, size, shown):
             draw_label(draw, label, seg.colors[label.label])
-    return with_legend(image, legend_rows(seg), size) if legend else image
+    if not legend:
+        return image
+    rows = legend_rows(seg)  # the labels in order, then the background: a label not drawn is not listed
+    return with_legend(image, [row for i, row in enumerate(rows) if i >= len(seg.labels) or i in shown], size)
 
 
 def chosen_labels(labels: tuple[str, ...], only: Iterable[str] | None) -> list[int]:
