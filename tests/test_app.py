@@ -16,6 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -58,6 +59,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app, started like the README says (`python app.py`), with tiny checkpoints and no network."""
+    yield from serve_app(tmp_path_factory)
+
+
+def serve_app(tmp_path_factory, **settings: str) -> Iterator[Server]:
+    """Run `python app.py` with tiny checkpoints, no network and these extra settings until the generator closes."""
     port = free_port()
     log_path, cache = tmp_path_factory.mktemp("log") / "app.log", tmp_path_factory.mktemp("tiny")
     log = log_path.open("w")
@@ -67,6 +73,7 @@ def server(tmp_path_factory):
         "VLM_MODEL_QWEN2_VL": str(endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
         "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
         "VLM_CONCURRENCY": "2",  # two users of one family at once (test_closing_a_tab_...)
+        **settings,
     }
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -146,6 +146,7 @@ def test_fit_lowers_pixels_and_frames_until_the_prompt_fits(pipes, media, family
     assert cost.prompt_tokens == built <= budget < full.prompt_tokens
     assert options["max_pixels"] < max(m.width * m.height for m in full.media)
     assert options["num_frames"] <= 6 and options["fps"] is None
+    assert options["num_frames"] == [m.frames for m in cost.media if m.kind == "video"][0]  # as sampled
     with pytest.raises(InputError, match="shorten the conversation"):
         fit(pipe, conversation, budget=10)
 

@@ -91,8 +91,8 @@ def estimate(pipe: Any, conversation: Any, prefill_rate: float | None = None, **
 def fit(pipe: Any, conversation: Any, budget: int, steps: int = 10,
         **media_options: Any) -> tuple[dict[str, Any], Cost]:
     """Media options, no larger than `media_options`, under which the prompt takes at most `budget` tokens,
-    and the cost then: max_pixels and the videos' frame count scaled down together (the largest scale
-    found by bisection), no image or video taking more tokens than it did before (a max_pixels above the
+    and the cost then: max_pixels and the videos' frame count (as sampled) scaled down together (the largest
+    scale found by bisection), no image or video taking more tokens than it did before (a max_pixels above the
     processor's own default would enlarge images). Raises InputError when even the smallest settings do
     not fit."""
     cost = estimate(pipe, conversation, **media_options)
@@ -131,4 +131,7 @@ def fit(pipe: Any, conversation: Any, budget: int, steps: int = 10,
             low, best = middle, found
         else:
             high = middle
-    return scaled(low), best
+    options = scaled(low)
+    if frames:  # the count the processor samples (Qwen's rounds to its temporal patch)
+        options["num_frames"] = min(m.frames for m in best.media if m.kind == "video")
+    return options, best

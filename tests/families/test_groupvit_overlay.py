@@ -193,6 +193,15 @@ def test_only_restricts_the_drawing_to_some_labels(seg):
         seg.overlay(opacity=1.5)
 
 
+def test_the_legend_lists_only_the_labels_drawn(seg):
+    rows = legend_rows(seg)
+    legend = np.asarray(seg.overlay(only=["dog"]))[seg.image.height:]
+    swatches = {row.name: int(np.all(legend == row.color, axis=-1).sum()) for row in rows if row.color is not None}
+    assert swatches.pop("dog") >= 50 and not any(swatches.values()), swatches  # "cat" and the rest: gone
+    full = np.asarray(seg.overlay())[seg.image.height:]
+    assert all(np.all(full == row.color, axis=-1).sum() >= 50 for row in rows if row.color is not None)
+
+
 def test_label_masks_and_areas(seg):
     masks = seg.label_masks()
     assert list(masks) == list(LABELS)

@@ -164,10 +164,12 @@ class ChatTab:
         family.change(self.switch_family, family, [checkpoint, *adapting], **private).then(**loading).then(**costing)
         checkpoint.input(**loading).then(**costing)
         unload.click(self.unload, family, status, **private)
-        sampling.change(self.sampling_mode, [sampling, num_frames], [fps, num_frames], **private)
+        sampling.input(self.sampling_mode, [sampling, num_frames], [fps, num_frames], **private)
         for control in (box, system, max_new_tokens, max_pixels, fps, num_frames):
             control.change(**costing)
-        fit_button.click(self.fit, [state, box, *settings], [max_pixels, sampling, num_frames], **private)
+        fitting = fit_button.click(self.fit, [state, box, *settings],
+                                   [media_settings, max_pixels, sampling, fps, num_frames], **private)
+        fitting.then(**costing)  # the controls' own change events are not sure to fire: they mount as the settings open
         api_settings = [family, api_checkpoint, *settings[2:]]
         gr.Button(visible=False).click(self.api_chat, [box, *api_settings], api_answer, api_name="chat",
                                        **{**generating, "api_visibility": "public"})
@@ -326,7 +328,8 @@ class ChatTab:
 
     def fit(self, state: ChatState, message: dict[str, Any] | None, family: str, checkpoint: str, system: str,
             *settings: Any):
-        """Lower max pixels and the video's frames until the question fits the budget (one click)."""
+        """Lower max pixels and the video's frames until the question fits the budget (one click); the settings
+        open to show what changed (a closed accordion's controls are not on the page and would miss the values)."""
         text, paths = message_parts(message)
         pipe = self.pipeline(family, checkpoint)
         if pipe is None or not paths:
@@ -337,9 +340,9 @@ class ChatTab:
         except VLMError as exc:
             raise refusal(error_text(exc)) from None
         frames = fitted.get("num_frames")
-        return (gr.Number(value=fitted.get("max_pixels") or 0),
-                gr.Radio(value=BY_COUNT if frames else gr.skip()),
-                gr.Number(value=frames) if frames else gr.skip())
+        counted = (gr.Radio(value=BY_COUNT), gr.Number(visible=False), gr.Number(value=frames, visible=True))
+        return (gr.Accordion(open=True), gr.Number(value=fitted.get("max_pixels") or 0),
+                *(counted if frames else [gr.skip()] * 3))
 
     def planned(self, state: ChatState, text: str, paths: list[str], family: str, system: str,
                 settings: tuple[Any, ...]) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
