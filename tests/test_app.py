@@ -455,7 +455,7 @@ def test_boxes_are_drawn_in_the_familys_coordinates(tmp_path, monkeypatch):
     image = str(ROOT / "assets" / "shapes.png")  # 640x480
     state = ChatState()
     state.turns.append(Turn(user_turn("Where?", [image])[0], 0))
-    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"])
+    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"], None, None)  # boxes() needs neither the catalog nor the gate
     frames = [pipe.box_frame(640, 480, max_pixels=max_pixels) for max_pixels in (None, 28 * 28 * 16)]
     assert frames[0] != frames[1] and (640, 480) not in frames
     for max_pixels, (width, height) in zip((None, 28 * 28 * 16), frames):
