@@ -352,13 +352,14 @@ def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
 
 
 def segmentable(image: Any) -> Any:
-    """The decoded image, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT."""
-    from .media import load_image
+    """`image`, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT (read from its header,
+    before anything is decoded)."""
+    from .media import image_header
 
-    image = load_image(image)
-    ratio = max(image.size) / min(image.size)
+    header = image_header(image)
+    ratio = max(header.width, header.height) / max(1, min(header.width, header.height))
     if ratio > MAX_SEGMENT_ASPECT:
-        raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
+        raise InputError(f"The image is {header.width}x{header.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
 

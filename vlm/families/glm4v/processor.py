@@ -21,13 +21,12 @@ import torch
 from PIL import Image
 
 from ...checkpoint import read_processor_configs
-from ...errors import CheckpointError, InputError
+from ...errors import InputError
 from ...layers.patches import image_patches, video_patches
-from ...media import VideoInfo, VideoSample, probe_video, read_frames, to_rgb
+from ...media import VideoInfo, VideoSample, probe_video, read_frames, resample_mode, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> interpolate mode (videos)
 
 
 @dataclass(frozen=True)
@@ -167,15 +166,19 @@ def preprocess_frames(frames: np.ndarray, s: PatchSettings, min_pixels: int | No
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise InputError(f"Video frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
-    if s.resample not in _TORCH_MODES:
-        raise CheckpointError(f"Video resample={s.resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
-    lo = s.min_pixels if min_pixels is None else min_pixels * len(frames)
-    hi = s.max_pixels if max_pixels is None else max_pixels * len(frames)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
-    h, w = smart_resize(len(frames), x.shape[2], x.shape[3], s.temporal_patch_size, s.factor, lo, hi)
-    patches, grid = video_patches(x, (h, w), _TORCH_MODES[s.resample], s.image_mean, s.image_std, s.rescale_factor,
+    h, w = frame_size(s, len(frames), x.shape[2], x.shape[3], min_pixels, max_pixels)
+    patches, grid = video_patches(x, (h, w), resample_mode(s.resample), s.image_mean, s.image_std, s.rescale_factor,
                                   s.temporal_patch_size, s.patch_size, s.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long)
+
+
+def frame_size(s: PatchSettings, count: int, height: int, width: int, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> tuple[int, int]:
+    """The (height, width) each of a clip's `count` frames of `height` x `width` is resized to."""
+    lo = s.min_pixels if min_pixels is None else min_pixels * count
+    hi = s.max_pixels if max_pixels is None else max_pixels * count
+    return smart_resize(count, height, width, s.temporal_patch_size, s.factor, lo, hi)
 
 
 def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | None = None,
@@ -196,5 +199,7 @@ def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | Non
         indices += indices[-1:] * (len(indices) % 2)
     else:
         indices = sample_frame_indices(info, s, fps)
-    pixel_values, grid = preprocess_frames(read_frames(path, indices), s, min_pixels, max_pixels)
+    frames = read_frames(path, indices, resize=lambda h, w: frame_size(s, len(indices), h, w, min_pixels, max_pixels),
+                         mode=resample_mode(s.resample))
+    pixel_values, grid = preprocess_frames(frames, s, min_pixels, max_pixels)
     return pixel_values, grid, VideoSample(info, tuple(indices))

@@ -58,8 +58,9 @@ class Qwen2VLInputs:
 
     def _vision(self, messages, options):
         media = media_items(messages)
-        images = [load_image(m.source) for m in media if m.kind == "image"]
         pixel_args = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
+        most = self.settings.max_pixels if pixel_args["max_pixels"] is None else pixel_args["max_pixels"]
+        images = [load_image(m.source, target_pixels=most) for m in media if m.kind == "image"]
         image_part = preprocess_images(images, self.settings, **pixel_args) if images else None
         video_parts = [
             preprocess_video(m.source, self.settings, **self._sampling({**options, **m.options}), **pixel_args)[:2]

@@ -21,13 +21,12 @@ import torch
 from PIL import Image
 
 from ...checkpoint import read_processor_configs
-from ...errors import CheckpointError, InputError
+from ...errors import InputError
 from ...layers.patches import image_patches, video_patches
-from ...media import VideoSample, probe_video, read_frames, sample_frames_bounded, to_rgb
+from ...media import VideoSample, probe_video, read_frames, resample_mode, sample_frames_bounded, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> interpolate mode (video path)
 
 
 @dataclass(frozen=True)
@@ -157,18 +156,23 @@ def preprocess_frames(
     s = settings.video
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise InputError(f"Video frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
-    if s.resample not in _TORCH_MODES:
-        raise CheckpointError(f"Video resample={s.resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
+    h, w = frame_size(settings, len(frames), x.shape[2], x.shape[3], min_pixels, max_pixels)
+    patches, grid = video_patches(x, (h, w), resample_mode(s.resample), s.image_mean, s.image_std, s.rescale_factor,
+                                  s.temporal_patch_size, s.patch_size, s.merge_size)
+    return patches, torch.tensor([grid], dtype=torch.long)
+
+
+def frame_size(settings: VisionSettings, count: int, height: int, width: int, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> tuple[int, int]:
+    """The (height, width) each of a clip's `count` frames of `height` x `width` is resized to."""
+    s = settings.video
     lo = s.min_pixels if min_pixels is None else min_pixels
     hi = s.max_pixels if max_pixels is None else max_pixels
     if s.cap_pixels_per_frame:  # the reference's bound on a whole video's pixels
         budget = int(s.max_video_tokens * s.factor * s.factor * 0.9)
-        hi = max(min(hi, budget * s.temporal_patch_size // len(frames)), int(lo * 1.05))
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
-    h, w = smart_resize(x.shape[2], x.shape[3], s.factor, lo, hi)
-    patches, grid = video_patches(x, (h, w), _TORCH_MODES[s.resample], s.image_mean, s.image_std, s.rescale_factor,
-                                  s.temporal_patch_size, s.patch_size, s.merge_size)
-    return patches, torch.tensor([grid], dtype=torch.long)
+        hi = max(min(hi, budget * s.temporal_patch_size // count), int(lo * 1.05))
+    return smart_resize(height, width, s.factor, lo, hi)
 
 
 def preprocess_video(
@@ -199,5 +203,7 @@ def preprocess_video(
         info.num_frames, info.fps, num_frames=num_frames, fps=fps,
         min_frames=s.min_frames, max_frames=s.max_frames, multiple=s.temporal_patch_size,
     )
-    pixel_values, grid = preprocess_frames(read_frames(path, indices), settings, min_pixels, max_pixels)
+    frames = read_frames(path, indices, resize=lambda h, w: frame_size(settings, len(indices), h, w, min_pixels,
+                                                                          max_pixels), mode=resample_mode(s.resample))
+    pixel_values, grid = preprocess_frames(frames, settings, min_pixels, max_pixels)
     return pixel_values, grid, VideoSample(info, tuple(indices))
