@@ -9,9 +9,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import cancellation
 from .caching import PrefixPool
 from .conversation import is_batch, normalize
-from .errors import ContextLengthError, InputError
+from .errors import Cancelled, ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
 from .reasoning import ANSWER, Delta, ReasoningParser, ThinkingBudget, ThinkingFormat, opens_thinking, split_reasoning
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -68,7 +69,12 @@ class ChatPipeline:
                  **options: Any) -> list[GenerationOutput]:
         """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
         sampling, media, reasoning = self._split(options)
-        inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        except Cancelled:  # while reading the media
+            return [GenerationOutput("", [], "cancelled") for _ in (conversations if is_batch(conversations)
+                                                                    else [conversations])]
         batch = inputs["input_ids"].shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -94,8 +100,12 @@ class ChatPipeline:
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
         cancel = cancel or threading.Event()
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
+        except Cancelled:  # while reading the media: nothing to say
+            return
         opened = self._opened(inputs)
 
         def produce(stop_event: threading.Event) -> Iterator[Delta]:

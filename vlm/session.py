@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .conversation import drop_oldest_turn, media_items, normalize
-from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from . import cancellation
+from .conversation import Media, drop_oldest_turn, media_items, normalize
+from .errors import Cancelled, ContextLengthError, InputError, OutOfMemoryError, VLMError
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -155,7 +156,10 @@ class SessionManager:
             semaphore.release()
 
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
-        """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""
+        """Raise InputError when a request exceeds the caps (tokens, images, video frames), and
+        MemoryAdmissionError when its media would need more memory than the server has left."""
+        from .admission import admit, video_frames
+
         tokens = options.get("max_new_tokens")
         if tokens is not None and tokens > self.limits.max_new_tokens:
             raise InputError(f"max_new_tokens is {tokens}; this server allows at most {self.limits.max_new_tokens}.")
@@ -170,6 +174,7 @@ class SessionManager:
                 if frames > self.limits.max_frames:
                     raise InputError(f"The video would use {frames} frames; this server allows at most "
                                      f"{self.limits.max_frames}. Lower the video fps or set the number of frames.")
+        admit(conversation, options)
 
     def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
                  **options: Any) -> "Generation":
@@ -179,7 +184,10 @@ class SessionManager:
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
         """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        from .admission import admit_media
+
         image = segmentable(image)
+        admit_media([Media("image", image)], {})
         with self.slot(family):
             return self.get(family, source, progress).segment(image, labels, **options)
 
@@ -233,7 +241,7 @@ class Generation:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
-        self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
+        self._thread = threading.Thread(target=self._run_cancellable, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
 
     def snapshot(self) -> Snapshot:
@@ -263,6 +271,10 @@ class Generation:
     def _update(self, **changes: Any) -> None:
         with self._lock:
             self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
+
+    def _run_cancellable(self) -> None:
+        with cancellation.scope(self._cancel):  # video probing and decoding, the vision encoders look at it
+            self._run()
 
     def _run(self) -> None:
         manager = self._manager
@@ -295,6 +307,8 @@ class Generation:
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
+        except Cancelled:
+            finish = "timeout" if self._timed_out.is_set() else "cancelled"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -376,16 +390,6 @@ def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> 
     media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
     input_ids = pipeline.encode(conversation, **media)["input_ids"]
     return sum(int((input_ids == i).sum()) for i in ids)
-
-
-def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
-    """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
-    if num_frames:
-        return int(num_frames)
-    from .media import probe_video
-
-    info = probe_video(source)
-    return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
 
 
 def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:

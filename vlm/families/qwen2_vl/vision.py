@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ... import cancellation
 from ...layers.attention import VisionAttention
 from ...layers.mlp import MLP
 from ...layers.patches import patch_rows_cols
@@ -98,6 +99,7 @@ class VisionTransformer(nn.Module):
         lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]  # attention per frame group
         x = self.patch_embed(patches)
         for block in self.blocks:
+            cancellation.check()
             x = block(x, cos, sin, lengths)
         return self.merger(x)
 
