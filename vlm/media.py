@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import select
 import signal
 import stat
 import struct
@@ -32,6 +31,7 @@ from torch.nn import functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import cancellation
+from .childio import read_exact
 from .errors import CheckpointError, EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 
 # Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
@@ -373,7 +373,6 @@ SAFE_DECODE = Path(__file__).with_name("safe_decode.py")
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "TMPDIR", "SYSTEMROOT")
 _HEADER_BYTES = 1 << 20
-POLL_SECONDS = 0.05  # how often a wait for the child looks at the request's cancellation
 
 
 def decoder_command() -> list[str]:
@@ -440,25 +439,13 @@ class _DecoderChild:
 
     def _read(self, size: int) -> bytearray:
         """`size` bytes from the child before the deadline, looking at the request's cancellation meanwhile."""
-        buffer = bytearray(size)
-        view, got = memoryview(buffer), 0
-        pipe = self.child.stdout
-        while got < size:
-            cancellation.check()
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise VideoDecodeError(f"{self.name}: decoding took longer than {self.timeout:g} s; the file may be "
-                                       "damaged or too long. Try a shorter clip.")
-            if not select.select([pipe], [], [], min(remaining, POLL_SECONDS))[0]:
-                continue
-            try:
-                count = pipe.readinto(view[got:])
-            except OSError:
-                count = 0
-            if not count:
-                raise self.stopped()
-            got += count
-        return buffer
+        try:
+            return read_exact(self.child.stdout, size, self.deadline, cancellation.check)
+        except TimeoutError:
+            raise VideoDecodeError(f"{self.name}: decoding took longer than {self.timeout:g} s; the file may be "
+                                   "damaged or too long. Try a shorter clip.") from None
+        except (EOFError, OSError):
+            raise self.stopped() from None
 
 
 def _exit_reason(code: int) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -394,21 +393,9 @@ def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> 
 
 def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
     """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
-    from safetensors import safe_open
+    from .checkpoint import resolve_device, resolve_dtype, weights_bytes
 
-    from .checkpoint import resolve_device, resolve_dtype, weight_files
-
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for file in weight_files(Path(directory)):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                tensor = reader.get_slice(key)
-                kind = tensor.get_dtype()
-                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
-                total += math.prod(tensor.get_shape()) * size
-    return total
+    return weights_bytes(Path(directory), resolve_dtype(dtype, resolve_device(device)))
 
 
 def format_bytes(n: float) -> str:
