@@ -1,6 +1,7 @@
 """Large media made here, as issue #14's attacks used them: small files that decode to a lot of pixels.
 
-Written once per test session under pytest's base temp directory (`where`), reused by every module.
+Written once per test session under pytest's base temp directory (the `where` fixture; import it into a
+test module to use it), reused by every module.
 """
 
 from __future__ import annotations
@@ -9,7 +10,16 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def where(tmp_path_factory) -> Path:
+    """The directory the files are written to, shared by the test session."""
+    path = tmp_path_factory.getbasetemp() / "big_media"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def _once(path: Path, write) -> str:

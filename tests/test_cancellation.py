@@ -25,6 +25,7 @@ from vlm.media import probe_video, read_frames
 from vlm.session import SessionManager
 
 from tests import big_media
+from tests.big_media import where  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = str(ROOT / "assets" / "bouncing_ball.mp4")
@@ -36,13 +37,6 @@ pytestmark = pytest.mark.timeout(300)
 def no_decoder_left_behind():
     yield
     assert not [p for p in psutil.Process().children(recursive=True) if "safe_decode" in " ".join(p.cmdline())]
-
-
-@pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "big_media"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

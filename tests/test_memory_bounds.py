@@ -29,6 +29,7 @@ from vlm.media import SHRINK_FLOOR, load_image, read_frames
 from vlm.session import SessionManager
 
 from tests import big_media
+from tests.big_media import where  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_IMAGE = str(ROOT / "assets" / "shapes.png")
@@ -37,13 +38,6 @@ GB = 2**30
 LIMIT = 1.5 * GB
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def where(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "big_media"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

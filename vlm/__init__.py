@@ -32,8 +32,9 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     directory = resolve(model, revision)
     config = read_config(directory)
     family = detect_family(config)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     try:
-        pipe = family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
+        pipe = family.load(directory, config, torch_device, torch_dtype)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
             RecursionError) as exc:  # a field the family reads is missing or malformed
         raise config_error(directory, exc) from exc
