@@ -155,23 +155,28 @@ def test_a_stream_cancelled_while_reading_ends_without_a_delta(pipes, monkeypatc
 
 
 # ----------------------------------------------------------------------------------------- session
-def test_stop_during_a_4k_video_frees_the_slot_within_a_second(where, tmp_path):
+def test_stop_during_a_4k_video_frees_the_slot_within_a_second(where, tmp_path, monkeypatch):
     video = big_media.video_4k(where)
     manager = SessionManager()
     directory = str(vlm.tiny.write("qwen2_vl", tmp_path / "q"))
     manager.get("qwen2_vl", directory)
+    decoding, resize = threading.Event(), vlm.media._resized
+    frames = []
+
+    def counting(frame, size, mode):
+        frames.append(1)
+        if len(frames) == 4:
+            decoding.set()
+        return resize(frame, size, mode)
+
+    monkeypatch.setattr(vlm.media, "_resized", counting)
     conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "?"}]}]
     generation = manager.generate("qwen2_vl", directory, conversation, num_frames=64, max_new_tokens=4)
-    deadline = time.monotonic() + 120
-    while generation.snapshot().status != "Reading the inputs…":
-        assert time.monotonic() < deadline and not generation.snapshot().done, generation.snapshot()
-        time.sleep(0.05)
-    time.sleep(2.0)  # probed and decoding frames by now (reading all 64 takes ~10 s or more)
-    assert not generation.snapshot().done
+    assert decoding.wait(120), generation.snapshot()  # 4 of the 64 frames read: Stop as a user would now
     stopped = time.monotonic()
     generation.cancel()
     assert generation.join(2.0), "still reading the video 2 s after Stop"  # main: until all 64 frames are read
     assert time.monotonic() - stopped < 2.0  # 1 s target; margin for a loaded machine
-    assert generation.snapshot().finish == "cancelled"
+    assert generation.snapshot().finish == "cancelled" and len(frames) < 64
     with manager.slot("qwen2_vl") as acquired:  # the family's only slot is free again
         assert acquired

@@ -300,8 +300,11 @@ class Generation:
                         part = "thinking" if delta.kind == "thinking" else "answer"
                         texts[part] += delta
                         self._update(**{part: texts[part]})
-                    stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                  visual_tokens(pipeline, conversation, self._options), dropped)
+                    if first is not None or not self._cancel.is_set():  # not stopped while reading the inputs
+                        with cancellation.scope(None):  # counted after a Stop too, for the stats line
+                            visual = visual_tokens(pipeline, conversation, self._options)
+                        stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
+                                      visual, dropped)
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
