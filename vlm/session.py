@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -17,8 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .conversation import drop_oldest_turn, media_items, normalize
-from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from . import cancellation
+from .conversation import Media, drop_oldest_turn, media_items, normalize
+from .errors import Cancelled, ContextLengthError, InputError, OutOfMemoryError, VLMError
 from .media import partial_videos
 from .reasoning import Report
 
@@ -207,7 +207,10 @@ class SessionManager:
                              f"{self.limits.max_conversation_chars:,}. Clear the chat (or start a new one) to go on.")
 
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
-        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames)."""
+        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames), and
+        MemoryAdmissionError when its media would need more memory than the server has left."""
+        from .admission import admit, video_frames
+
         self.check_text(conversation)
         tokens = options.get("max_new_tokens")
         if tokens is not None and tokens > self.limits.max_new_tokens:
@@ -223,6 +226,7 @@ class SessionManager:
                 if frames > self.limits.max_frames:
                     raise InputError(f"The video would use {frames} frames; this server allows at most "
                                      f"{self.limits.max_frames}. Lower the video fps or set the number of frames.")
+        admit(conversation, options)
 
     def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
                  **options: Any) -> "Generation":
@@ -232,7 +236,10 @@ class SessionManager:
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
         """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        from .admission import admit_media
+
         image = segmentable(image)
+        admit_media([Media("image", image)], {})
         with self.slot(family):
             return self.get(family, source, progress).segment(image, labels, **options)
 
@@ -290,7 +297,7 @@ class Generation:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
-        self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
+        self._thread = threading.Thread(target=self._run_cancellable, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
 
     def snapshot(self) -> Snapshot:
@@ -320,6 +327,10 @@ class Generation:
     def _update(self, **changes: Any) -> None:
         with self._lock:
             self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
+
+    def _run_cancellable(self) -> None:
+        with cancellation.scope(self._cancel):  # video probing and decoding, the vision encoders look at it
+            self._run()
 
     def _run(self) -> None:
         manager = self._manager
@@ -362,6 +373,8 @@ class Generation:
                 finish = "cancelled"
             elif report.finish == "length":
                 finish = "length"
+        except Cancelled:
+            finish = "timeout" if self._timed_out.is_set() else "cancelled"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -419,13 +432,14 @@ def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
 
 
 def segmentable(image: Any) -> Any:
-    """The decoded image, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT."""
-    from .media import load_image
+    """`image`, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT (read from its header,
+    before anything is decoded)."""
+    from .media import image_header
 
-    image = load_image(image)
-    ratio = max(image.size) / min(image.size)
+    header = image_header(image)
+    ratio = max(header.width, header.height) / max(1, min(header.width, header.height))
     if ratio > MAX_SEGMENT_ASPECT:
-        raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
+        raise InputError(f"The image is {header.width}x{header.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
 
@@ -446,33 +460,11 @@ def checkpoint_family(directory: Path) -> str:
     return detect_family(read_config(directory)).name
 
 
-def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
-    """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
-    if num_frames:
-        return int(num_frames)
-    from .media import probe_video
-
-    info = probe_video(source)
-    return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
-
-
 def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
     """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
-    from safetensors import safe_open
+    from .checkpoint import resolve_device, resolve_dtype, weights_bytes
 
-    from .checkpoint import resolve_device, resolve_dtype, weight_files
-
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for file in weight_files(Path(directory)):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                tensor = reader.get_slice(key)
-                kind = tensor.get_dtype()
-                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
-                total += math.prod(tensor.get_shape()) * size
-    return total
+    return weights_bytes(Path(directory), resolve_dtype(dtype, resolve_device(device)))
 
 
 def format_bytes(n: float) -> str:
