@@ -15,7 +15,7 @@ import torch
 import vlm
 import vlm.tiny
 from vlm.errors import DamagedVideoError
-from vlm.families.qwen2_vl.processor import VisionSettings, preprocess_frames
+from vlm.processing.qwen_vl import VisionSettings, preprocess_frames
 from vlm.media import partial_videos, read_frames, retrying_damaged_videos
 from vlm.session import SessionManager
 

@@ -13,6 +13,7 @@ import torch
 import vlm
 import vlm.session
 import vlm.tiny
+from vlm.admission import fit_frame_rate
 from vlm.errors import InputError
 from vlm.reasoning import Delta, Report
 from vlm.session import Limits, MemoryBudgetError, SessionManager
@@ -360,15 +361,15 @@ def test_a_video_sampled_by_rate_gets_a_rate_within_the_frame_cap():
     stays what it is and is refused over the cap with advice that does not lead back to a refusal."""
     manager = fake_manager(limits=Limits(max_frames=4))
     for fps in (2.0, None):  # 6 frames at 2 fps, 30 when every frame is taken
-        options, note = manager.fit_frames(VIDEO_ONLY, {"fps": fps, "max_pixels": 100})
+        options, note = fit_frame_rate(VIDEO_ONLY, {"fps": fps, "max_pixels": 100}, 4)
         assert options["max_pixels"] == 100 and options["fps"] < 4 / 3  # 3 s at 10 fps
         manager.check(VIDEO_ONLY, options)
         assert "bouncing_ball.mp4 sampled at" in note and "at most 4 frames" in note
         assert ("2 frames/s" if fps else "every frame") in note
         last = finish(manager.generate("qwen2_vl", "q", VIDEO_ONLY, fit_frames=True, fps=fps))
         assert last.error is None and note in last.stats.notes and manager.loads
-    assert manager.fit_frames(VIDEO_ONLY, {"fps": 1.0}) == ({"fps": 1.0}, None)  # 3 frames: within the cap
-    assert manager.fit_frames(VIDEO_ONLY, {"num_frames": 8}) == ({"num_frames": 8}, None)
+    assert fit_frame_rate(VIDEO_ONLY, {"fps": 1.0}, 4) == ({"fps": 1.0}, None)  # 3 frames: within the cap
+    assert fit_frame_rate(VIDEO_ONLY, {"num_frames": 8}, 4) == ({"num_frames": 8}, None)
     with pytest.raises(InputError, match="Ask for fewer frames"):
         manager.check(VIDEO_ONLY, {"num_frames": 8})
     with pytest.raises(InputError, match="give a number of frames instead of an fps"):
@@ -381,7 +382,7 @@ def test_a_real_video_at_the_lowered_rate_stays_within_the_cap(tiny_qwen, tmp_pa
     video = str(make_video(tmp_path / "long.mp4", 300, size=(64, 48)))  # 30 s at 10 fps: 60 frames at 2 fps
     conversation = [{"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "Hm?"}]}]
     manager = SessionManager(limits=Limits(max_frames=16), dtype="float32")
-    options, _ = manager.fit_frames(conversation, {"fps": 2.0})
+    options, _ = fit_frame_rate(conversation, {"fps": 2.0}, manager.limits.max_frames)
     pipe = manager.get("qwen2_vl", tiny_qwen)
     t = int(pipe.encode(conversation, **options)["video_grid_thw"][0, 0])
     assert 12 <= 2 * t <= 16  # frames sampled, in temporal patches of 2

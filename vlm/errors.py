@@ -66,6 +66,14 @@ class ContextLengthError(InputError):
     """The prompt does not fit the model's context window."""
 
 
+class Cancelled(VLMError):
+    """The request was cancelled (Stop, Clear, a closed tab or the time cap) while it was being worked on."""
+
+
+class MemoryAdmissionError(VLMError):
+    """A request would need more memory than the server has left; it is refused before it runs."""
+
+
 class GenerationError(VLMError):
     """Generation failed inside the model (wraps the original exception)."""
 

@@ -10,11 +10,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import cancellation
 from .boxes import Box, FrameRule, parse_boxes, relative_frame
 from .caching import PrefixPool
 from .checkpoint import read_config
 from .conversation import is_batch, normalize
-from .errors import ContextLengthError, InputError
+from .errors import Cancelled, ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
 from .media import retrying_damaged_videos
 from .reasoning import (ANSWER, Delta, ReasoningParser, Report, ThinkingBudget, ThinkingFormat, opens_thinking,
@@ -86,7 +87,12 @@ class ChatPipeline:
                  **options: Any) -> list[GenerationOutput]:
         """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
         sampling, media, reasoning = self._split(options)
-        inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        except Cancelled:  # while reading the media
+            return [GenerationOutput("", [], "cancelled") for _ in (conversations if is_batch(conversations)
+                                                                    else [conversations])]
         batch = inputs["input_ids"].shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -114,8 +120,12 @@ class ChatPipeline:
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
         cancel = cancel or threading.Event()
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
+        except Cancelled:  # while reading the media: nothing to say
+            return
         opened = self._opened(inputs)
 
         def produce(stop_event: threading.Event) -> Iterator[Delta]:

@@ -7,12 +7,14 @@ prompt (`"prompt"`: tokens in the KV cache of the prompt's). A caller listens wi
 `with reporting(callback):`; the callback gets `(stage, done, total)` from the thread doing the work
 (`total` None: `done` more items are finished). Without a listener a report costs a context lookup.
 The listener is a context variable: `vlm.generation.run_in_thread` carries it into its thread.
+`Steps` is such a listener for one request, as the session shows it (`Step`: stage, n, N).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 Reporter = Callable[[str, int, "int | None"], None]
@@ -31,11 +33,6 @@ def reporting(reporter: Reporter) -> Iterator[None]:
         _reporter.reset(token)
 
 
-def listening() -> bool:
-    """Whether someone listens (work that costs something to report can skip it otherwise)."""
-    return _reporter.get() is not None
-
-
 def report(stage: str, done: int, total: int | None = None) -> None:
     """`done` of `total` items of `stage` are finished (`total` None: `done` more are)."""
     reporter = _reporter.get()
@@ -49,3 +46,38 @@ def each(stage: str, items: Sequence[T] | Iterable[T]) -> Iterator[T]:
     for number, item in enumerate(items, 1):
         yield item
         report(stage, number, len(items))
+
+
+@dataclass(frozen=True)
+class Step:
+    """Work under way before the first token: `done` of `total` frames of a video decoded ("video"), images
+    loaded ("images"), images and videos encoded ("encoding"), prompt tokens read ("prompt")."""
+
+    stage: str
+    done: int
+    total: int
+
+
+class Steps:
+    """The listener of one request: turns its reports into Steps for `show` (from the working thread).
+
+    Encodings are counted here, of the request's `media` images and videos (a cached one counts as
+    encoded); the first prompt report says how much of the prompt a reused KV cache already held."""
+
+    def __init__(self, media: int, show: Callable[[Step], None]):
+        self.media, self.show = media, show
+        self.encoded = 0
+        self.prompt: tuple[int, int] | None = None  # (tokens already cached, prompt tokens), once known
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage == "encoding":
+            self.encoded += done
+            done, total = self.encoded, max(self.encoded, self.media)
+        elif stage == "prompt" and self.prompt is None:
+            self.prompt = (done, total)
+        self.show(Step(stage, done, total if total is not None else done))
+
+    @property
+    def prefilled(self) -> int | None:
+        """Prompt tokens the model ran (the rest came from a reused KV cache); None before the prompt."""
+        return None if self.prompt is None else self.prompt[1] - self.prompt[0]

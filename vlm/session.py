@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -17,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from . import progress
-from .conversation import drop_oldest_turn, media_items, normalize
-from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from . import cancellation, progress
+from .conversation import Media, drop_oldest_turn, media_items, normalize
+from .errors import Cancelled, ContextLengthError, InputError, OutOfMemoryError, VLMError
 from .media import partial_videos
 from .reasoning import Report
 
@@ -208,7 +207,10 @@ class SessionManager:
                              f"{self.limits.max_conversation_chars:,}. Clear the chat (or start a new one) to go on.")
 
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
-        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames)."""
+        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames), and
+        MemoryAdmissionError when its media would need more memory than the server has left."""
+        from .admission import admit, video_frames
+
         self.check_text(conversation)
         tokens = options.get("max_new_tokens")
         if tokens is not None and tokens > self.limits.max_new_tokens:
@@ -226,37 +228,22 @@ class SessionManager:
                               "Lower the video fps, or give a number of frames instead of an fps")
                     raise InputError(f"The video would use {frames} frames; this server allows at most "
                                      f"{self.limits.max_frames}. {advice}.")
-
-    def fit_frames(self, conversation: Any, options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-        """`options` under which no video of `conversation` samples more than the server's max_frames, and a
-        note saying what changed (None: nothing). A number of frames is kept as it is (`check` refuses one
-        over the cap); sampling by rate (`fps`, or every frame when None) gets a rate low enough for the
-        longest video, so the default settings work for any video the media limits let in."""
-        if options.get("num_frames"):
-            return options, None
-        from .media import probe_video
-
-        fps, cap = options.get("fps"), self.limits.max_frames
-        videos = [m.source for m in media_items(normalize(conversation)) if m.kind == "video"]
-        over = [probe_video(v) for v in videos if video_frames(v, fps, None) > cap]
-        if not over:
-            return options, None
-        longest = max(over, key=lambda info: _seconds(info))
-        lowered = (cap - 0.5) / _seconds(longest)  # ceil(seconds * rate) frames: at most `cap`
-        was = f"{fps:g} frames/s" if fps else "every frame"
-        return {**options, "fps": lowered}, (f"{Path(longest.path).name} sampled at {lowered:.3g} frames/s instead "
-                                             f"of {was} (this server takes at most {cap} frames per video).")
+        admit(conversation, options)
 
     def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
                  fit_frames: bool = False, **options: Any) -> "Generation":
         """Start answering `conversation` in a background thread; see Generation. With `fit_frames`, videos
-        sampled by rate are sampled at a lower one when they would exceed the frame cap (see `fit_frames`)."""
+        sampled by rate are sampled at a lower one when they would exceed the frame cap (and the answer's
+        notes say so: vlm.admission.fit_frame_rate)."""
         return Generation(self, family, source, conversation, options, cancel or threading.Event(), fit_frames)
 
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
         """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        from .admission import admit_media
+
         image = segmentable(image)
+        admit_media([Media("image", image)], {})
         with self.slot(family):
             return self.get(family, source, progress).segment(image, labels, **options)
 
@@ -294,17 +281,7 @@ class Snapshot:
     finish: str | None = None  # when done: "stop" | "length" (token budget) | "cancelled" | "timeout" | "error"
     error: BaseException | None = None
     stats: Stats | None = None  # when done; while streaming, the figures so far (tokens, seconds, time to first token)
-    step: "Step | None" = None  # the work under way before the first token, with its numbers
-
-
-@dataclass(frozen=True)
-class Step:
-    """Work under way before the first token: `done` of `total` frames of a video decoded ("video"), images
-    loaded ("images"), images and videos encoded ("encoding"), prompt tokens read ("prompt")."""
-
-    stage: str
-    done: int
-    total: int
+    step: progress.Step | None = None  # the work under way before the first token, with its numbers
 
 
 class Generation:
@@ -322,13 +299,11 @@ class Generation:
         self.family, self.source = family, source
         self._manager, self._conversation, self._options = manager, conversation, options
         self._cancel, self._fit_frames = cancel, fit_frames
-        self._encoded = 0  # images and videos encoded so far
-        self._prefill: tuple[int, int] | None = None  # (prompt tokens already cached, prompt tokens), once known
         self._timed_out = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
-        self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
+        self._thread = threading.Thread(target=self._run_cancellable, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
 
     def snapshot(self) -> Snapshot:
@@ -359,14 +334,9 @@ class Generation:
         with self._lock:
             self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
 
-    def _progress(self, stage: str, done: int, total: int | None) -> None:
-        """A progress report of the library (vlm.progress), from whichever thread does the work."""
-        if stage == "encoding":  # counted here: of the request's images and videos
-            self._encoded += done
-            done, total = self._encoded, max(self._encoded, self._media)
-        elif stage == "prompt" and self._prefill is None:
-            self._prefill = (done, total)
-        self._update(step=Step(stage, done, total))
+    def _run_cancellable(self) -> None:
+        with cancellation.scope(self._cancel):  # video probing and decoding, the vision encoders look at it
+            self._run()
 
     def _run(self) -> None:
         manager = self._manager
@@ -379,10 +349,13 @@ class Generation:
         finish, error, stats, notes = "stop", None, None, ()
         try:
             if self._fit_frames:
-                self._options, note = manager.fit_frames(self._conversation, self._options)
+                from .admission import fit_frame_rate
+
+                self._options, note = fit_frame_rate(self._conversation, self._options, manager.limits.max_frames)
                 notes = (note,) if note else ()
             manager.check(self._conversation, self._options)
-            self._media = len(media_items(normalize(self._conversation)))
+            steps = progress.Steps(len(media_items(normalize(self._conversation))),
+                                   lambda step: self._update(step=step))
             timer.start()
             with manager.slot(self.family, self._cancel) as acquired:
                 if acquired:
@@ -392,8 +365,8 @@ class Generation:
                 if acquired and not self._cancel.is_set():
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
-                    # a damaged video: its frames before the damage, said so; the library's progress shown
-                    with partial_videos() as partial, progress.reporting(self._progress):
+                    # a damaged video: its frames before the damage, said so; the steps before the first token shown
+                    with partial_videos() as partial, progress.reporting(steps):
                         conversation, deltas, dropped = self._open_stream(pipeline)
                         for delta in deltas:
                             tokens = delta.tokens
@@ -405,11 +378,9 @@ class Generation:
                             texts[part] += delta
                             live = Stats(first - start, tokens, time.perf_counter() - start, None)
                             self._update(**{part: texts[part]}, step=None, stats=live)
-                        prefilled = None if self._prefill is None else self._prefill[1] - self._prefill[0]
                         stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                      report.visual_tokens, dropped,
-                                      notes + tuple(video.message for video in partial), report.prompt_tokens,
-                                      prefilled)
+                                      report.visual_tokens, dropped, notes + tuple(video.message for video in partial),
+                                      report.prompt_tokens, steps.prefilled)
             # the family's slot is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
@@ -417,6 +388,8 @@ class Generation:
                 finish = "cancelled"
             elif report.finish == "length":
                 finish = "length"
+        except Cancelled:
+            finish = "timeout" if self._timed_out.is_set() else "cancelled"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -474,13 +447,14 @@ def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
 
 
 def segmentable(image: Any) -> Any:
-    """The decoded image, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT."""
-    from .media import load_image
+    """`image`, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT (read from its header,
+    before anything is decoded)."""
+    from .media import image_header
 
-    image = load_image(image)
-    ratio = max(image.size) / min(image.size)
+    header = image_header(image)
+    ratio = max(header.width, header.height) / max(1, min(header.width, header.height))
     if ratio > MAX_SEGMENT_ASPECT:
-        raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
+        raise InputError(f"The image is {header.width}x{header.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
 
@@ -501,38 +475,11 @@ def checkpoint_family(directory: Path) -> str:
     return detect_family(read_config(directory)).name
 
 
-def _seconds(info: Any) -> float:
-    """A probed video's length in seconds: its duration, or its frames at its rate when that is longer."""
-    return max(info.duration, info.num_frames / info.fps if info.fps else 0.0)
-
-
-def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
-    """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
-    if num_frames:
-        return int(num_frames)
-    from .media import probe_video
-
-    info = probe_video(source)
-    return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
-
-
 def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
     """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
-    from safetensors import safe_open
+    from .checkpoint import resolve_device, resolve_dtype, weights_bytes
 
-    from .checkpoint import resolve_device, resolve_dtype, weight_files
-
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for file in weight_files(Path(directory)):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                tensor = reader.get_slice(key)
-                kind = tensor.get_dtype()
-                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
-                total += math.prod(tensor.get_shape()) * size
-    return total
+    return weights_bytes(Path(directory), resolve_dtype(dtype, resolve_device(device)))
 
 
 def format_bytes(n: float) -> str:

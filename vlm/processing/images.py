@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..layers.patches import image_patches, video_patches
-from ..media import to_rgb
+from ..media import resample_mode, to_rgb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> interpolate mode (videos)
 
 SizeRule = Callable[[int, int], tuple[int, int]]  # (height, width) -> resized (height, width)
 
@@ -113,10 +112,8 @@ def frame_rows(frames: np.ndarray, s: PatchSettings, size: SizeRule) -> tuple[to
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise InputError(f"Video frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
-    if s.resample not in TORCH_MODES:
-        raise CheckpointError(f"Video resample={s.resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
     h, w = size(x.shape[2], x.shape[3])
-    patches, grid = video_patches(x, (h, w), TORCH_MODES[s.resample], s.image_mean, s.image_std, s.rescale_factor,
+    patches, grid = video_patches(x, (h, w), resample_mode(s.resample), s.image_mean, s.image_std, s.rescale_factor,
                                   s.temporal_patch_size, s.patch_size, s.merge_size)
     return patches, torch.tensor([grid], dtype=torch.long)

@@ -23,10 +23,10 @@ from PIL import Image
 from ..checkpoint import read_processor_configs
 from ..conversation import media_items, template_view
 from ..errors import InputError
-from ..media import VideoSample, load_images, probe_video, read_frames, sample_frames_bounded
+from ..media import VideoSample, load_images, probe_video, read_frames, resample_mode, sample_frames_bounded
 from ..pipeline import pad_id
 from ..tokenizer import Tokenizer
-from .images import PatchSettings, frame_rows, image_rows, smart_resize
+from .images import PatchSettings, SizeRule, frame_rows, image_rows, smart_resize
 from .prompt import (IMAGE, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders, grid_tokens,
                      repeated)
 
@@ -99,13 +99,19 @@ def preprocess_images(images: Sequence[Image.Image], settings: VisionSettings, m
 def preprocess_frames(frames: np.ndarray, settings: VisionSettings, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded frames (T, H, W, 3) uint8 -> (pixel_values_videos, video_grid_thw [1, 3])."""
+    return frame_rows(frames, settings.video, frame_size(settings, len(frames), min_pixels, max_pixels))
+
+
+def frame_size(settings: VisionSettings, count: int, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> SizeRule:
+    """The size rule of a clip's `count` frames (bounds per frame: the call's, else the settings')."""
     s = settings.video
     lo = s.min_pixels if min_pixels is None else min_pixels
     hi = s.max_pixels if max_pixels is None else max_pixels
-    if s.cap_pixels_per_frame and len(frames):  # the reference's bound on a whole video's pixels
+    if s.cap_pixels_per_frame and count:  # the reference's bound on a whole video's pixels
         budget = int(s.max_video_tokens * s.factor * s.factor * 0.9)
-        hi = max(min(hi, budget * s.temporal_patch_size // len(frames)), int(lo * 1.05))
-    return frame_rows(frames, s, lambda h, w: smart_resize(h, w, s.factor, lo, hi))
+        hi = max(min(hi, budget * s.temporal_patch_size // count), int(lo * 1.05))
+    return lambda h, w: smart_resize(h, w, s.factor, lo, hi)
 
 
 def preprocess_video(
@@ -136,7 +142,8 @@ def preprocess_video(
         info.num_frames, info.fps, num_frames=num_frames, fps=fps,
         min_frames=s.min_frames, max_frames=s.max_frames, multiple=s.temporal_patch_size,
     )
-    pixel_values, grid = preprocess_frames(read_frames(path, indices), settings, min_pixels, max_pixels)
+    size = frame_size(settings, len(indices), min_pixels, max_pixels)  # each frame is resized as it arrives
+    pixel_values, grid = frame_rows(read_frames(path, indices, resize=size, mode=resample_mode(s.resample)), s, size)
     return pixel_values, grid, VideoSample(info, tuple(indices))
 
 
@@ -194,8 +201,9 @@ class QwenVLInputs:
 
     def _vision(self, messages, options):
         media = media_items(messages)
-        images = load_images([m.source for m in media if m.kind == "image"])
         pixel_args = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
+        most = self.settings.max_pixels if pixel_args["max_pixels"] is None else pixel_args["max_pixels"]
+        images = load_images([m.source for m in media if m.kind == "image"], target_pixels=most)
         image_part = preprocess_images(images, self.settings, **pixel_args) if images else None
         videos = [preprocess_video(m.source, self.settings, **self._sampling({**options, **m.options}), **pixel_args)
                   for m in media if m.kind == "video"]

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from ..admission import fit_frame_rate
 from ..boxes import relative_frame, strip_markup
 from ..cost import PrefillRate, estimate, fit
 from ..errors import InputError, VLMError
@@ -351,7 +352,7 @@ class ChatTab:
         user, _ = user_turn(text, paths)
         conversation = state.conversation(system, user)
         text_only(family, FAMILIES[family].media, conversation, self.media_families())
-        options, note = self.manager.fit_frames(conversation, request_options(*settings))
+        options, note = fit_frame_rate(conversation, request_options(*settings), self.manager.limits.max_frames)
         self.manager.check(conversation, options)
         return conversation, options, note
 

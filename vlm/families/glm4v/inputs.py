@@ -45,7 +45,9 @@ class Glm4vInputs:
     def _vision(self, messages, options):
         media = media_items(messages)
         pixels = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
-        images = load_images([m.source for m in media if m.kind == "image"])
+        image = self.settings.image
+        most = image.max_pixels // image.temporal_patch_size if pixels["max_pixels"] is None else pixels["max_pixels"]
+        images = load_images([m.source for m in media if m.kind == "image"], target_pixels=most)
         image_part = preprocess_images(images, self.settings.image, **pixels) if images else None
         videos = [preprocess_video(m.source, self.settings.video, fps=m.options.get("fps", options.get("fps")),
                                    num_frames=m.options.get("num_frames", options.get("num_frames")), **pixels)

@@ -22,9 +22,9 @@ from PIL import Image
 
 from ...checkpoint import read_processor_configs
 from ...errors import InputError
-from ...media import VideoInfo, VideoSample, probe_video, read_frames
+from ...media import VideoInfo, VideoSample, probe_video, read_frames, resample_mode
 from ...processing.images import PatchSettings as _PatchSettings
-from ...processing.images import frame_rows, image_rows, smart_resize
+from ...processing.images import SizeRule, frame_rows, image_rows, smart_resize
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,16 @@ def sample_frame_indices(info: VideoInfo, s: PatchSettings, fps: float | None = 
 
 def preprocess_frames(frames: np.ndarray, s: PatchSettings, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded frames (T, H, W, 3) uint8 -> (pixel_values_videos, video_grid_thw [1, 3]).
+    """Decoded frames (T, H, W, 3) uint8 -> (pixel_values_videos, video_grid_thw [1, 3]) (sizes: `frame_size`)."""
+    return frame_rows(frames, s, frame_size(s, len(frames), min_pixels, max_pixels))
 
-    The settings' pixel bounds count every frame; `min_pixels`/`max_pixels` override them per frame.
-    """
-    lo = s.min_pixels if min_pixels is None else min_pixels * len(frames)
-    hi = s.max_pixels if max_pixels is None else max_pixels * len(frames)
-    return frame_rows(frames, s, glm_size(len(frames), s, lo, hi))
+
+def frame_size(s: PatchSettings, count: int, min_pixels: int | None = None, max_pixels: int | None = None) -> SizeRule:
+    """The size rule of a clip's `count` frames: the settings' pixel bounds count every frame,
+    `min_pixels`/`max_pixels` bound each frame."""
+    lo = s.min_pixels if min_pixels is None else min_pixels * count
+    hi = s.max_pixels if max_pixels is None else max_pixels * count
+    return glm_size(count, s, lo, hi)
 
 
 def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | None = None,
@@ -138,5 +141,6 @@ def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | Non
         indices += indices[-1:] * (len(indices) % 2)
     else:
         indices = sample_frame_indices(info, s, fps)
-    pixel_values, grid = preprocess_frames(read_frames(path, indices), s, min_pixels, max_pixels)
+    size = frame_size(s, len(indices), min_pixels, max_pixels)  # each frame is resized as it arrives
+    pixel_values, grid = frame_rows(read_frames(path, indices, resize=size, mode=resample_mode(s.resample)), s, size)
     return pixel_values, grid, VideoSample(info, tuple(indices))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ... import cancellation
 from ...layers.mlp import GatedMLP, activation
 from ...layers.norms import RMSNorm
 from ...layers.patches import patch_rows_cols
@@ -111,6 +112,7 @@ class VisionTransformer(nn.Module):
         x = self.post_conv_layernorm(self.patch_embed(patches))
         x = x + self.embeddings(rows_cols, sizes.to(patches.device))
         for block in self.blocks:
+            cancellation.check()
             x = block(x, cos, sin, lengths)
         x = self.post_layernorm(x).view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2)  # (N / m^2, D, m, m)
         return self.merger(self.downsample(x).flatten(1))

@@ -9,9 +9,9 @@ import torch
 
 from ...conversation import Media, left_pad, media_items, template_view
 from ...errors import InputError
-from ...media import load_images, probe_video, read_frames, sample_frames_uniform
+from ...media import load_images, probe_video, read_frames, resample_mode, sample_frames_uniform
 from ...tokenizer import Tokenizer
-from .processor import ProcessorSettings, pad_stack, preprocess_frames, preprocess_image
+from .processor import ProcessorSettings, largest_image, pad_stack, preprocess_frames, preprocess_image
 
 
 @dataclass
@@ -43,7 +43,8 @@ class LlavaOnevisionInputs:
             ids = self.tokenizer.encode_chat(_text_parts(template_view(messages)),
                                              add_generation_prompt=add_generation_prompt, **template_vars)
             media = media_items(messages)
-            pictures = load_images([m.source for m in media if m.kind == "image"])
+            pictures = load_images([m.source for m in media if m.kind == "image"],
+                                   target_pixels=largest_image(self.settings.image))
             clips = [self._video(m, media_options) for m in media if m.kind == "video"]
             anyres = len(pictures) == 1  # the reference tiles a conversation's image only when it is alone
             counts = {
@@ -90,7 +91,8 @@ class LlavaOnevisionInputs:
         if needed >= self.max_context:
             raise InputError(f"{info.path}: {len(indices)} frames need {needed} tokens, more than this model's context "
                              f"of {self.max_context}; pass num_frames (e.g. 8) or fps (e.g. 1) to sample fewer frames.")
-        return preprocess_frames(read_frames(item.source, indices), s)
+        frames = read_frames(item.source, indices, resize=lambda h, w: s.size, mode=resample_mode(s.resample))
+        return preprocess_frames(frames, s)
 
     def _expand(self, ids: list[int], counts: dict[int, list[int]]) -> list[int]:
         """Repeat each image/video placeholder by its feature count; the placeholders must match the media."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import cancellation
 from ...layers.mlp import GatedMLP
 from ...layers.norms import RMSNorm
 from ...layers.patches import patch_rows_cols
@@ -98,5 +99,6 @@ class VisionTransformer(nn.Module):
         cos, sin = self.rotary(by_window(patch_rows_cols(grid_thw, m).to(patches.device)))
         x = by_window(self.patch_embed(patches))
         for i, block in enumerate(self.blocks):
+            cancellation.check()
             x = block(x, cos, sin, frames if i in self.cfg.fullatt_block_indexes else windows)
         return self.merger(x)[torch.argsort(order)]

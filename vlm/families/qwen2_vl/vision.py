@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import cancellation
 from ...layers.mlp import MLP
 from ...layers.patches import patch_rows_cols
 from ...layers.rotary import VisionRotary2D
@@ -63,5 +64,6 @@ class VisionTransformer(nn.Module):
         lengths = frame_lengths(grid_thw)  # attention per frame group
         x = self.patch_embed(patches)
         for block in self.blocks:
+            cancellation.check()
             x = block(x, cos, sin, lengths)
         return self.merger(x)
