@@ -448,6 +448,21 @@ def test_turns_render_thinking_stats_errors_and_boxes():
     assert half.getpixel((200, 120)) == orange and half.getpixel((500, 400)) == sky  # right edge; the point
 
 
+def test_the_cost_line_says_when_it_counts_the_chat_so_far():
+    from vlm.cost import Cost, MediaCost
+    from vlm.ui.turns import cost_text
+
+    cost = Cost((MediaCost("image", "cat.png", 30, 640, 480), MediaCost("video", "ball.mp4", 90, 320, 240, 6)), 200, 4096)
+    first = cost_text(cost, 8192, 250.0, None)
+    assert first.startswith("**This question:** cat.png **30** visual tokens (640×480) · ball.mp4 **90** visual "
+                            "tokens (320×240, 6 frames) · total **120** visual tokens · prompt **200** tokens")
+    assert "≈ 0.8 s to the first token" in first and "Over the budget" not in first  # not "≈ 1 s"
+    follow_up = cost_text(cost, 100, 250.0, 150)  # the last answer's 150 tokens are in the KV cache
+    assert follow_up.startswith("**This question with the chat so far:**") and "≈ 0.2 s to the first" in follow_up
+    assert "Over the budget of 100 prompt tokens" in follow_up
+    assert "measured from the first answer" in cost_text(cost, 8192, None, None)
+
+
 def test_boxes_are_drawn_in_the_familys_coordinates(tmp_path, monkeypatch):
     """Qwen2.5-VL's boxes are pixels of the image as its processor resized it (with the request's max_pixels):
     the chat draws them at the same place of the original picture."""

@@ -144,7 +144,8 @@ class ChatTab:
                       "concurrency_limit": sum(self.manager.slots(name) for name in self.families)}
         enable = {"fn": lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False)),
                   "inputs": None, "outputs": [box, stop], **private}
-        showing = {"fn": self.show_status, "inputs": [family, checkpoint], "outputs": status, **private}
+        showing = {"fn": self.show_status, "inputs": [family, checkpoint], "outputs": status,
+                   "show_progress": "hidden", **private}
         costing = {"fn": self.cost, "inputs": [state, box, *settings], "outputs": [cost_row, cost, fit_button],
                    "concurrency_id": "cost", "concurrency_limit": 2, "trigger_mode": "always_last",
                    "show_progress": "hidden", **private}
@@ -324,7 +325,7 @@ class ChatTab:
         budget = self.budget(pipe, options)
         notes = ((note,) if note else ()) + animated_note([p for p in paths if media_kind(p) == "image"])
         rate = self.rates.setdefault(family, PrefillRate()).value
-        text = cost_text(found, budget, rate, state.cached_tokens if state.turns else 0, notes)
+        text = cost_text(found, budget, rate, state.cached_tokens if state.turns else None, notes)
         return gr.Row(visible=True), text, gr.Button(f"Fit to {budget:,} tokens", visible=found.prompt_tokens > budget)
 
     def fit(self, state: ChatState, message: dict[str, Any] | None, family: str, checkpoint: str, system: str,

@@ -149,20 +149,23 @@ def stats_line(stats: Stats | None, finish: str | None) -> str:
     return " · ".join(parts)
 
 
-def cost_text(cost: Cost, budget: int, rate: float | None, cached: int, notes: tuple[str, ...] = ()) -> str:
+def cost_text(cost: Cost, budget: int, rate: float | None, cached: int | None, notes: tuple[str, ...] = ()) -> str:
     """The composer's line on what a question will cost: each image and video with its visual tokens, the
     totals, the context left, the time to the first token at the measured `rate` (prompt tokens per second;
-    the `cached` tokens of the chat's last answer are not read again), and whether it is over `budget`."""
+    the `cached` tokens of the chat's last answer are not read again; None: the question starts the chat),
+    and whether it is over `budget`."""
     items = [f"{m.name} **{m.tokens:,}** visual tokens ({m.width}×{m.height}"
              + (f", {m.frames} frames)" if m.kind == "video" else ")") for m in cost.media]
     parts = [*items, f"total **{cost.visual_tokens:,}** visual tokens",
              f"prompt **{cost.prompt_tokens:,}** tokens, **{cost.context_left:,}** of {cost.context:,} left"]
     if rate:
-        seconds = max(cost.prompt_tokens - cached, 0) / rate
-        parts.append(f"≈ {seconds:,.0f} s to the first token (at {rate:,.0f} prompt tokens/s here)")
+        seconds = max(cost.prompt_tokens - (cached or 0), 0) / rate
+        parts.append(f"≈ {seconds:,.{1 if seconds < 10 else 0}f} s to the first token (at {rate:,.0f} prompt "
+                     "tokens/s here)")
     else:
         parts.append("time to the first token: measured from the first answer")
-    lines = ["**This question:** " + " · ".join(parts)]
+    heading = "This question" if cached is None else "This question with the chat so far"
+    lines = [f"**{heading}:** " + " · ".join(parts)]
     if cost.prompt_tokens > budget:
         lines.append(f"⚠️ Over the budget of {budget:,} prompt tokens: *Fit* lowers the image size and video frames.")
     lines += [f"⚠️ {note}" for note in notes]
