@@ -56,10 +56,19 @@ class Server:
     log: Path  # the app's output
 
 
+def broken_glm4(directory: Path) -> Path:
+    """A GLM-4 checkpoint whose weights file is cut in half: loading it fails."""
+    vlm.tiny.write("glm4", directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    return directory
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The app, started like the README says (`python app.py`), with tiny checkpoints and no network."""
-    yield from serve_app(tmp_path_factory)
+    """The app, started like the README says (`python app.py`), with tiny checkpoints and no network (and
+    a GLM-4 checkpoint that does not load)."""
+    yield from serve_app(tmp_path_factory, VLM_MODEL_GLM4=str(broken_glm4(tmp_path_factory.mktemp("glm4"))))
 
 
 def serve_app(tmp_path_factory, **settings: str) -> Iterator[Server]:
@@ -179,14 +188,15 @@ def test_banner_says_answers_are_random(page):
 
 
 def test_a_load_failure_is_a_message_and_the_app_keeps_working(page):
-    page.click("#checkpoint input")
-    page.get_by_role("option", name="Qwen/Qwen2-VL-2B-Instruct").click()  # offline: cannot be downloaded
+    page.click("#family input")
+    page.get_by_role("option", name="glm4", exact=True).click()
     page.wait_for_selector("#model-status:has-text('Could not load')")
-    assert "HF_HUB_OFFLINE" in page.locator("#model-status").inner_text()
+    status = page.locator("#model-status").inner_text()
+    assert "glm40 (local directory)" in status and "not a valid safetensors file" in status, status
     page.screenshot(path=str(ARTIFACTS / "load_failure.png"), full_page=True)
-    page.click("#checkpoint input")
-    page.get_by_role("option", name="tiny random (qwen2_vl)").click()
-    page.wait_for_selector("#model-status:has-text('ready')")
+    page.click("#family input")
+    page.get_by_role("option", name="qwen2_vl", exact=True).click()
+    page.wait_for_selector("#model-status:has-text('qwen2_vl ready')")
     set_number(page, "max-new-tokens", 3, accordion="Sampling")
     ask(page, "Still there?")
     page.wait_for_selector("#chatbot :text('visual tokens')")
@@ -364,7 +374,11 @@ def test_no_request_deletes_or_creates_a_directory(server):
 
 
 # ------------------------------------------------------------------------------------ the UI's pieces
-def test_settings_and_checkpoints_without_hub(tmp_path):
+def test_settings_and_checkpoints_without_hub(tmp_path, monkeypatch):
+    import dataclasses
+
+    import huggingface_hub
+
     from vlm.families import FAMILIES
     from vlm.ui.checkpoints import Catalog, code_hash
     from vlm.ui.settings import Settings
@@ -380,10 +394,19 @@ def test_settings_and_checkpoints_without_hub(tmp_path):
     assert not catalog.hub_reachable  # VLM_TINY: the hub is not even asked
     assert catalog.default_source("glm4v") == "/m/glm" and catalog.default_source("qwen2_vl") == "tiny:qwen2_vl"
     assert catalog.default_source("qwen2_5_vl") == "tiny:qwen2_5_vl"
-    assert catalog.choices("glm4v") == ["glm (local directory)", "THUDM/GLM-4.1V-9B-Thinking", "tiny random (glm4v)"]
+    assert catalog.choices("glm4v") == ["glm (local directory)", "tiny random (glm4v)"]  # offline: no hub checkpoint
     assert catalog.source("glm4v", "glm (local directory)") == "/m/glm"  # pages name it without its path
     assert set(catalog.tiny_families()) == set(FAMILIES) - {"glm4v"}
     assert "answers are random" in catalog.banner() and "VLM_MODEL_" in catalog.banner()
+    assert "pick the hub checkpoint" not in catalog.banner()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # VLM_TINY, online: the hub may answer
+    assert catalog.choices("glm4v") == ["glm (local directory)", "THUDM/GLM-4.1V-9B-Thinking", "tiny random (glm4v)"]
+    assert "pick the hub checkpoint" in catalog.banner()
+    silent = dataclasses.replace(catalog, hub_reachable=False)  # asked, and it did not answer
+    assert silent.choices("glm4v") == ["glm (local directory)", "tiny random (glm4v)"]
+    assert catalog.source("glm4v", "THUDM/GLM-4.1V-9B-Thinking") == "THUDM/GLM-4.1V-9B-Thinking"
+    with pytest.raises(vlm.errors.InputError, match="not one of this server's glm4v checkpoints"):
+        silent.source("glm4v", "THUDM/GLM-4.1V-9B-Thinking")  # what the page does not offer, no request gets
     for family, choice in [("qwen2_vl", "tiny random (groupvit)"), ("qwen2_vl", "tiny:qwen2_vl"), ("qwen2_vl", "/m/glm"),
                            ("qwen3", "tiny random (qwen2_vl)")]:
         with pytest.raises(vlm.errors.InputError):

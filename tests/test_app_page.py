@@ -144,6 +144,14 @@ def test_a_thinking_checkpoint_shows_the_thinking_settings(page):
 
 
 # ----------------------------------------------------------------------------------------- status
+def test_offline_the_checkpoint_box_offers_no_hub_checkpoint(page):
+    page.click("#checkpoint input")
+    options = [option.replace("✓", "").strip() for option in page.get_by_role("option").all_inner_texts()]
+    assert len(options) == 2 and options[0].endswith("(local directory)"), options  # not Qwen/Qwen2-VL-2B-Instruct
+    assert options[1] == "tiny random (qwen2_vl)", options
+    assert "pick the hub checkpoint" not in page.locator("#banner").inner_text()
+
+
 def test_the_status_never_goes_stale(page):
     page.evaluate(RECORD)
     pick_family(page, "llava_onevision")

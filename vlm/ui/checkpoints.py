@@ -36,7 +36,7 @@ HUB_TIMEOUT = 4.0  # seconds to wait for the hub before serving tiny checkpoints
 class Catalog:
     settings: Settings
     families: tuple[str, ...]  # the families served (VLM_FAMILIES, default all)
-    hub_reachable: bool
+    hub_reachable: bool | None  # None: not asked (every family was decided without the hub)
 
     @classmethod
     def discover(cls, settings: Settings) -> "Catalog":
@@ -46,7 +46,7 @@ class Catalog:
             name not in settings.models and name not in settings.remote
             and not is_cached(FAMILIES[name].default_checkpoint) for name in families)
         remove_stale_tiny(settings.cache_dir, families)
-        return cls(settings, families, needs_hub and hub_reachable())
+        return cls(settings, families, hub_reachable() if needs_hub else None)
 
     def default_source(self, family: str) -> str:
         """The source of the checkpoint a family starts with."""
@@ -64,12 +64,20 @@ class Catalog:
         return label(self.default_source(family))
 
     def sources(self, family: str) -> dict[str, str]:
-        """label -> source of a family's checkpoints: the configured one, the hub default, tiny (a remote
-        family: its server only)."""
+        """label -> source of a family's checkpoints: the configured one, the hub default (unless it cannot
+        be had: not cached and the hub offline or not answering), tiny (a remote family: its server only)."""
         if family in self.settings.remote:
             return {label(self.default_source(family)): self.default_source(family)}
-        candidates = [self.default_source(family), FAMILIES[family].default_checkpoint, TINY_PREFIX + family]
+        repo = FAMILIES[family].default_checkpoint
+        hub = [repo] if self.hub_offers(repo) else []
+        candidates = [self.default_source(family), *hub, TINY_PREFIX + family]
         return {label(s): s for s in dict.fromkeys(candidates)}
+
+    def hub_offers(self, repo: str) -> bool:
+        """Can `repo` be had from the hub: cached, or the hub neither offline nor silent when asked?"""
+        from huggingface_hub import constants
+
+        return is_cached(repo) or (not constants.HF_HUB_OFFLINE and self.hub_reachable is not False)
 
     def choices(self, family: str) -> list[str]:
         """The Checkpoint box's choices for `family` (labels, without server paths)."""
@@ -126,12 +134,13 @@ class Catalog:
         if not tiny:
             return ""
         example = tiny[0]
+        repo = FAMILIES[example].default_checkpoint
+        pick = " or pick the hub checkpoint in the *Checkpoint* box" if self.hub_offers(repo) else ""
         return (
             f"⚠️ **Demo mode: answers are random.** {', '.join(tiny)} run on tiny random checkpoints built into "
             f"this app ({self.tiny_reason()}). To use real weights, start the app with "
-            f"`VLM_MODEL_{example.upper()}={FAMILIES[example].default_checkpoint}` (a hub id) or "
-            f"`VLM_MODEL_{example.upper()}=/path/to/checkpoint` (a local directory), or with hub access pick "
-            "the hub checkpoint in the *Checkpoint* box."
+            f"`VLM_MODEL_{example.upper()}={repo}` (a hub id) or "
+            f"`VLM_MODEL_{example.upper()}=/path/to/checkpoint` (a local directory){pick}."
         )
 
 
