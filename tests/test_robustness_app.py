@@ -451,14 +451,14 @@ def user_texts(chatbot: list) -> list[str]:
 
 def test_a_flood_of_new_sessions_keeps_a_real_users_chat(app):
     user = app.user()
-    kind, out = user.event("add_turn", [{"text": "Remember the word kiwi.", "files": []}, None, ""])
+    kind, out = user.event("add_turn", [{"text": "Remember the word kiwi.", "files": []}, None, "", "qwen2_vl"])
     assert kind == "answer", out
     key = out[3]
     assert user.event("respond", respond(user))[0] == "answer"
     for _ in range(3 * SESSIONS):  # empty /chat calls, each a session of its own (refused at once)
         assert app.user().call("chat", chat("   "))[0] == "error"
     assert len(app.demo.state_holder.session_data) <= SESSIONS
-    kind, out = user.event("add_turn", [{"text": "Which word?", "files": []}, None, key])
+    kind, out = user.event("add_turn", [{"text": "Which word?", "files": []}, None, key, "qwen2_vl"])
     assert kind == "answer" and "closed your earlier session" not in json.dumps(out[1])
     texts = user_texts(out[1])
     assert len(texts) == 2 and "kiwi" in texts[0] and "Which word" in texts[1]  # the history is all there
@@ -466,10 +466,10 @@ def test_a_flood_of_new_sessions_keeps_a_real_users_chat(app):
 
 def test_a_user_whose_session_was_dropped_is_told_so(app):
     user = app.user()
-    kind, out = user.event("add_turn", [{"text": "First question.", "files": []}, None, ""])
+    kind, out = user.event("add_turn", [{"text": "First question.", "files": []}, None, "", "qwen2_vl"])
     key = out[3]
     app.demo.defences.sessions.end(user.session)  # as when it is unused for an hour, or its tab closed
-    kind, out = user.event("add_turn", [{"text": "Second question.", "files": []}, None, key])
+    kind, out = user.event("add_turn", [{"text": "Second question.", "files": []}, None, key, "qwen2_vl"])
     assert kind == "answer" and "closed your earlier session" in json.dumps(out[1])
     assert len(user_texts(out[1])) == 1 and out[3] != key  # a new chat, with a key of its own
     kind, message = user.event("retry", [None, key])
@@ -608,7 +608,7 @@ def test_a_sessions_uploads_are_bounded_and_deleted_when_it_ends(app, tmp_path):
 def test_clear_deletes_the_chats_uploads(app, tmp_path):
     user = app.user()
     picture = user.upload(noise_png(tmp_path / "cleared.png", 64, seed=7))
-    kind, out = user.event("add_turn", [{"text": "Look.", "files": [picture]}, None, ""])
+    kind, out = user.event("add_turn", [{"text": "Look.", "files": [picture]}, None, "", "qwen2_vl"])
     assert kind == "answer" and stored(picture).exists()
     assert user.event("clear", [None])[0] == "answer"
     assert not stored(picture).exists()
@@ -726,7 +726,7 @@ def test_refused_requests_get_a_clear_message_and_one_log_line(app, caplog, capf
 def test_stop_pressed_before_the_answer_starts_stops_it(app):
     """Stop between the question and the start of its answer (queued behind others): the answer never runs."""
     user = app.user()
-    assert user.event("add_turn", [{"text": "Tell me everything.", "files": []}, None, ""])[0] == "answer"
+    assert user.event("add_turn", [{"text": "Tell me everything.", "files": []}, None, "", "qwen2_vl"])[0] == "answer"
     assert user.event("stop", [None])[0] == "answer"
     started = time.monotonic()
     kind, out = user.event("respond", respond(user, max_new_tokens=2048))

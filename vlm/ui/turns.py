@@ -190,8 +190,8 @@ def animated_note(images: list[str]) -> tuple[str, ...]:
         try:
             with Image.open(path) as image:
                 frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
-        except (OSError, ValueError):
-            continue  # not readable: the model's own error says so
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # not readable, or too large: the model's own error says so
         if frames > 1:
             notes.append(f"{Path(path).name} is animated ({frames} frames): the model sees its first frame only. "
                          "To ask about its motion, convert it to a video (MP4) and attach that.")
