@@ -26,7 +26,7 @@ class FeatureCache:
         self._lock = threading.Lock()
 
     def __call__(self, encode: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
-        key = _content_key(encode, inputs)
+        key = content_key(getattr(encode, "__qualname__", repr(encode)), *inputs)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -50,9 +50,10 @@ class FeatureCache:
             self._bytes = 0
 
 
-def _content_key(encode: Callable, inputs: tuple) -> str:
-    digest = hashlib.blake2b(getattr(encode, "__qualname__", repr(encode)).encode(), digest_size=20)
-    for item in inputs:
+def content_key(*items: Any) -> str:
+    """A hash of tensors' contents (dtype, shape and bytes) and of other items' reprs."""
+    digest = hashlib.blake2b(digest_size=20)
+    for item in items:
         if isinstance(item, torch.Tensor):
             tensor = item.detach().contiguous().cpu()
             digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
@@ -68,20 +69,23 @@ class PrefixPool:
     Keys and values of a prefix depend only on its input embeddings and positions (attention is
     causal), so an entry is reusable as far as those agree with a new prompt: the same token ids
     over a different image do not match. `take` hands out the entry sharing the longest prefix (or
-    None); `put` returns it after generation. An entry is used by one generation at a time.
+    None); `put` returns it after generation. An entry is used by one generation at a time. `key` names
+    what else the cache depends on (a family whose images are not in its input embeddings hashes them):
+    only entries with an equal key are reused.
     """
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]] = []
+        self._entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache, str | None]] = []
         self._lock = threading.Lock()
 
-    def take(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor) -> tuple[KVCache, int] | None:
+    def take(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor,
+             key: str | None = None) -> tuple[KVCache, int] | None:
         """ids (L,), positions (P, L), embeds (L, D): the best cache and how many of its positions to keep."""
         with self._lock:
             best, best_len = None, 0
             for i, entry in enumerate(self._entries):
-                length = _common_prefix(entry[:3], (ids, positions, embeds))
+                length = _common_prefix(entry[:3], (ids, positions, embeds)) if entry[4] == key else 0
                 if length > best_len:
                     best, best_len = i, length
             if best is None:
@@ -89,9 +93,10 @@ class PrefixPool:
             cache = self._entries.pop(best)[3]
         return cache, min(best_len, ids.shape[0] - 1)  # at least one token is run to get logits
 
-    def put(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor, cache: KVCache) -> None:
+    def put(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor, cache: KVCache,
+            key: str | None = None) -> None:
         with self._lock:
-            self._entries.append((ids, positions, embeds, cache))
+            self._entries.append((ids, positions, embeds, cache, key))
             del self._entries[:-self.max_entries]
 
     def clear(self) -> None:

@@ -2,7 +2,9 @@
 
 A model used here exposes `embed(inputs)`, `embed_tokens(ids)`, `new_cache(batch, capacity)`,
 `forward(embeds, positions, cache, valid)` and `logits(hidden)`; its processor builds `inputs` with
-`input_ids`, `attention_mask`, `positions` (P, B, L) and `next_position` (B,).
+`input_ids`, `attention_mask`, `positions` (P, B, L) and `next_position` (B,). A model whose every step
+reads more of the request than its tokens (IDEFICS' image states) also has `bind(cache, inputs)`, which
+keeps that in the cache, and `content_key(inputs)`, so a pooled cache is reused for the same images only.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids:
     batch = ids.shape[0]
     axes = inputs["positions"].shape[0]
     pool = prefixes if batch == 1 else None
-    cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool)
+    key = model.content_key(inputs) if hasattr(model, "content_key") else None
+    cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool, key)
     sampler = Sampler(sampling, ids.device)
     stop = torch.tensor(sorted(stop_ids), device=ids.device, dtype=torch.long)
     position = inputs["next_position"].clone()
@@ -145,21 +148,23 @@ def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids:
         if pool is not None:
             decoded = model.embed_tokens(history[:, ids.shape[1]:])
             pool.put(history[0], torch.cat([inputs["positions"][:, 0], *decoded_positions], dim=1),
-                     torch.cat([embeds, decoded], dim=1)[0], cache)
+                     torch.cat([embeds, decoded], dim=1)[0], cache, key)
 
 
-def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | None):
+def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | None, key: str | None):
     """Run the prompt (only what a pooled cache does not already hold); return the cache, the last
     logits and the prompt's input embeddings."""
     ids, positions = inputs["input_ids"], inputs["positions"]
     embeds = model.embed(inputs)  # vision features come from the model's FeatureCache when known
-    reused = pool.take(ids[0], positions[:, 0], embeds[0]) if pool is not None else None
+    reused = pool.take(ids[0], positions[:, 0], embeds[0], key) if pool is not None else None
     if reused is None:
         cache, start = model.new_cache(ids.shape[0], capacity), 0
     else:
         cache, start = reused
         cache.truncate(start)
         cache.reserve(capacity)
+    if hasattr(model, "bind"):
+        model.bind(cache, inputs)
     hidden = model.forward(embeds[:, start:], positions[..., start:], cache, inputs["attention_mask"][:, start:].bool())
     return cache, model.logits(hidden[:, -1]), embeds
 

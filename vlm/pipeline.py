@@ -11,7 +11,7 @@ import torch
 
 from .caching import PrefixPool
 from .conversation import is_batch, normalize
-from .errors import ContextLengthError, InputError
+from .errors import CheckpointError, ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
 from .reasoning import ANSWER, Delta, ReasoningParser, ThinkingBudget, ThinkingFormat, opens_thinking, split_reasoning
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -26,13 +26,15 @@ class ChatPipeline:
     Thinking families pass `thinking` (their reasoning tags): outputs then carry the reasoning
     apart from the answer, stream deltas are `reasoning.Delta`s with a `kind`, earlier turns'
     reasoning is dropped from the prompt, and `thinking_budget` / `enable_thinking` are accepted.
-    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws).
+    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws); `stop_tokens` end
+    an answer besides the checkpoint's end-of-sequence ids, and `banned_tokens` are never generated.
     """
 
     def __init__(self, family: str, model: torch.nn.Module, tokenizer: Tokenizer,
                  build_inputs: Callable[..., dict[str, Any]], generation_config: dict[str, Any],
                  device: torch.device, directory: Path, max_context: int,
-                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = ()):
+                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = (),
+                 stop_tokens: Sequence[str] = (), banned_tokens: Sequence[str] = ()):
         self.family = family
         self.thinking = thinking
         self.markup = tuple(markup)
@@ -45,8 +47,9 @@ class ChatPipeline:
         self.max_context = max_context
         self.defaults = Sampling.from_generation_config(generation_config)
         self.prefixes = PrefixPool()  # KV caches of recent conversations, reused by their follow-ups
-        self.stop_ids = stop_ids(generation_config, tokenizer)
+        self.stop_ids = stop_ids(generation_config, tokenizer) | _token_ids(tokenizer, stop_tokens)
         self.pad_id = pad_id(generation_config, tokenizer)
+        self.banned = BanTokens(sorted(_token_ids(tokenizer, banned_tokens))) if banned_tokens else None
 
     def encode(self, conversation: Any, enable_thinking: bool | None = None, **media_options: Any) -> dict[str, Any]:
         """Model inputs for one conversation or a batch: input_ids, attention_mask, vision tensors, positions."""
@@ -176,12 +179,14 @@ class ChatPipeline:
             return [False] * inputs["input_ids"].shape[0]
         return [opens_thinking(self.decoder.decode(row[-16:].tolist()), self.thinking) for row in inputs["input_ids"]]
 
-    def _processors(self, reasoning: dict[str, Any], opened: list[bool]) -> list[ThinkingBudget]:
+    def _processors(self, reasoning: dict[str, Any], opened: list[bool]) -> list[Callable]:
+        processors: list[Callable] = [self.banned] if self.banned else []
         budget = reasoning.get("thinking_budget")
         if budget is None:
-            return []
+            return processors
         forced = self.tokenizer.encode(self.thinking.force_answer)
-        return [ThinkingBudget(budget, self.thinking, forced, lambda: IncrementalDetokenizer(self.decoder), opened)]
+        return processors + [ThinkingBudget(budget, self.thinking, forced, lambda: IncrementalDetokenizer(self.decoder),
+                                            opened)]
 
     def _without_reasoning(self, message: dict[str, Any]) -> dict[str, Any]:
         """An earlier assistant turn as the official GLM demo sends it back: answer only, tags removed."""
@@ -212,6 +217,27 @@ class _MarkupDecoder:
         if not self.keep_any:
             return self.tokenizer.decode(ids)
         return self.tokenizer.decode([i for i in ids if i not in self.dropped], skip_special_tokens=False)
+
+
+class BanTokens:
+    """Logits processor: the given ids are never sampled (transformers' single-token `bad_words_ids`)."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, self.ids] = float("-inf")
+        return logits
+
+
+def _token_ids(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[int]:
+    """Ids of named special tokens; each must exist."""
+    ids = {token: tokenizer.token_id(token) for token in tokens}
+    missing = [token for token, i in ids.items() if i is None]
+    if missing:
+        raise CheckpointError(f"The tokenizer lacks the tokens {', '.join(missing)}.")
+    return set(ids.values())
 
 
 def stop_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> set[int]:

@@ -41,6 +41,7 @@ FAMILIES = {
         Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc"),
         Family("glm4v", ("glm4v",), ("Glm4vForConditionalGeneration",), "THUDM/GLM-4.1V-9B-Thinking"),
         Family("glm4", ("glm4",), ("Glm4ForCausalLM",), "THUDM/GLM-4-9B-0414"),
+        Family("idefics", ("idefics",), ("IdeficsForVisionText2Text",), "HuggingFaceM4/idefics-9b-instruct"),
     )
 }
 

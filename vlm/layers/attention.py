@@ -189,6 +189,14 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention where `mask` (B, 1, L, T) is True for the keys a query sees (every row must see one):
+    q (B, H, L, D), k/v (B, H, T, D) -> (B, H, L, D)."""
+    if q.device.type == "cpu":
+        return cpu_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class VisionAttention(nn.Module):
     """ViT self-attention with packed q/k/v, 2-D rotary (in float32) and attention per segment."""
 

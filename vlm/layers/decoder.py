@@ -1,5 +1,5 @@
-"""Qwen2-style decoder (pre-norm, GQA self-attention with q/k/v biases, SwiGLU), shared by Qwen2-VL and
-LLaVA-OneVision; the rotary embedding is chosen by the family."""
+"""Qwen2/Llama-style decoder (pre-norm, GQA self-attention with or without q/k/v biases, SwiGLU), shared by
+Qwen2-VL, LLaVA-OneVision and IDEFICS; the rotary embedding is chosen by the family."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class DecoderConfig:
     rope: dict[str, Any]
     tie_word_embeddings: bool
     hidden_act: str = "silu"
+    qkv_bias: bool = True  # Qwen2's q/k/v projections have biases, Llama's none
 
     @classmethod
     def from_dict(cls, text: dict[str, Any]) -> "DecoderConfig":
@@ -51,7 +52,8 @@ class DecoderConfig:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer)
+        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer,
+                                       qkv_bias=cfg.qkv_bias)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...layers.attention import full_attention
-from ...layers.mlp import MLP
+from ...layers.vit import Encoder
 
 # SiglipVisionConfig's defaults, overridden by the ones LlavaOnevisionConfig gives its vision sub-config.
 DEFAULTS: dict[str, Any] = {
@@ -61,40 +60,6 @@ class Embeddings(nn.Module):
         return x.flatten(2).transpose(1, 2) + self.position_embedding.weight
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, _ = x.shape
-        q, k, v = (p(x).view(n, length, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = full_attention(q, k, v)  # (N, heads, patches, head_dim), every patch sees all
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
-
-
 class SiglipVision(nn.Module):
     """Returns the hidden states of the requested layers (0 = embeddings, -1 = last layer), concatenated.
 
@@ -105,7 +70,8 @@ class SiglipVision(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act,
+                               cfg.layer_norm_eps)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor, feature_layers: list[int]) -> torch.Tensor:
