@@ -21,7 +21,7 @@ import vlm.tiny
 from vlm.errors import InputError, VLMError
 from vlm.session import MAX_SEGMENT_ASPECT, segmentable
 
-CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4", "idefics")
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -105,6 +105,8 @@ def check_encoding(pipe, conversation, **options) -> bool:
     assert ids.dtype == torch.long and ids.shape == inputs["attention_mask"].shape
     with torch.inference_mode():
         embeds = pipe.model.embed(inputs)  # raises InputError when placeholders != features
+        if hasattr(pipe.model, "bind"):  # IDEFICS reads its images at every step, not in the embeddings
+            pipe.model.bind(pipe.model.new_cache(*ids.shape), inputs)
     assert embeds.shape[:2] == ids.shape and torch.isfinite(embeds).all()
     has_media = any(k.startswith("pixel_values") for k in inputs)
     placeholders = sum(int((ids == token).sum()) for token in placeholder_ids(pipe))

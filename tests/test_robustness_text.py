@@ -19,7 +19,7 @@ from vlm.errors import ContextLengthError, InputError
 from vlm.session import Limits, SessionManager
 from vlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
-CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4", "idefics")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,9 +144,10 @@ def test_empty_message_in_the_ui_is_refused_before_anything_runs():
 
 
 # ------------------------------------------------------------------------------ streaming and UTF-8
-@pytest.fixture(scope="module")
-def tok(pipes) -> Tokenizer:
-    return pipes["qwen2_vl"].tokenizer
+@pytest.fixture(scope="module", params=["qwen2_vl", "idefics"])
+def tok(pipes, request) -> Tokenizer:
+    """A byte-level BPE (Qwen2) and a byte-fallback one (Llama: a run of byte tokens decodes as a whole)."""
+    return pipes[request.param].tokenizer
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

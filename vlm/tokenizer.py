@@ -27,8 +27,10 @@ class Tokenizer:
         self.config = _tokenizer_config(directory)
         self._tok = _load_backend(directory)
         # A twin that treats special-token text as plain text, for what users type.
-        self._plain = HFTokenizer.from_str(self._tok.to_str())
+        serialized = self._tok.to_str()
+        self._plain = HFTokenizer.from_str(serialized)
         self._plain.encode_special_tokens = True
+        self.byte_ids = _byte_fallback_ids(json.loads(serialized)["model"])
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self.special_strings = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
@@ -80,6 +82,17 @@ class Tokenizer:
             ids += self.encode(rendered[pos:match.start()]) + self.encode_plain(texts[int(match.group(1))])
             pos = match.end()
         return ids + self.encode(rendered[pos:])
+
+
+def _byte_fallback_ids(model: dict[str, Any]) -> frozenset[int]:
+    """Ids of the <0xNN> tokens of a byte-fallback BPE (Llama), which decode only as a whole run."""
+    if not model.get("byte_fallback"):
+        return frozenset()
+    vocab = model.get("vocab") or {}
+    return frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.fullmatch(token))
+
+
+_BYTE_TOKEN = re.compile("<0x[0-9A-F]{2}>")
 
 
 def _tokenizer_config(directory: Path) -> dict[str, Any]:
@@ -193,7 +206,9 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never end inside a UTF-8 character.
 
     Decodes a small window (from `prefix` to the end) and emits only what is new since `read`, and only
-    once the window no longer ends in U+FFFD (an incomplete byte sequence).
+    once the window no longer ends in U+FFFD (an incomplete byte sequence). A byte-fallback tokenizer
+    decodes a run of <0xNN> tokens as a whole (all of it U+FFFD when it is not valid UTF-8), so nothing is
+    emitted while a run may still grow.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -204,6 +219,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self.ids[-1] in self.tokenizer.byte_ids:
+            return ""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         window = self.tokenizer.decode(self.ids[self.prefix:])
         if window.endswith("\ufffd") or len(window) <= len(before):
