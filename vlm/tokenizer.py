@@ -25,7 +25,7 @@ class Tokenizer:
     def __init__(self, directory: Path):
         directory = Path(directory)
         self.config = _tokenizer_config(directory)
-        self._tok = _load_backend(directory)
+        self._tok = _load_backend(directory, self.config)
         # A twin that treats special-token text as plain text, for what users type.
         serialized = self._tok.to_str()
         self._plain = HFTokenizer.from_str(serialized)
@@ -100,14 +100,37 @@ def _tokenizer_config(directory: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def _load_backend(directory: Path) -> HFTokenizer:
+def _load_backend(directory: Path, config: dict[str, Any]) -> HFTokenizer:
     path = directory / "tokenizer.json"
     try:
+        if path.is_file() and config.get("tokenizer_class") in LLAMA_CLASSES:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("model", {}).get("type") == "BPE":
+                return HFTokenizer.from_str(json.dumps(_as_llama_builds_it(data, config)))
         if path.is_file():
             return HFTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises plain Exception on malformed files
         raise CheckpointError(f"Cannot read {path}: {exc}") from exc
     raise CheckpointError(f"{directory} has no tokenizer.json.")
+
+
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _as_llama_builds_it(data: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A Llama tokenizer.json with the pipeline transformers 5's LlamaTokenizer gives it, whatever the file
+    says: its vocabulary and merges, byte fallback, no normaliser, a Metaspace pre-tokenizer that adds the
+    prefix space at the start only (everywhere with `legacy`; never without `add_prefix_space`). Older hub
+    files (a normaliser that prefixes every piece of text, e.g. after each special token) read otherwise."""
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    model = {**data["model"], "unk_token": None, "fuse_unk": True, "byte_fallback": True, "dropout": None,
+             "ignore_merges": False, "continuing_subword_prefix": None, "end_of_word_suffix": None}
+    return {**data, "model": model, "normalizer": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": False}}
 
 
 def _user_texts(messages: list[dict]):
