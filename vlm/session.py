@@ -364,7 +364,8 @@ def segmentable(image: Any) -> Any:
 
 
 def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt (0 for a text-only conversation)."""
+    """Image and video placeholder tokens in the prompt, or the image vectors a cross-attention model
+    (IDEFICS) reads (0 for a text-only conversation)."""
     if not media_items(normalize(conversation)):
         return 0
     from .checkpoint import read_config
@@ -373,8 +374,10 @@ def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> 
     keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
     ids = {config[k] for k in keys if isinstance(config.get(k), int)}
     media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
-    input_ids = pipeline.encode(conversation, **media)["input_ids"]
-    return sum(int((input_ids == i).sum()) for i in ids)
+    inputs = pipeline.encode(conversation, **media)
+    if hasattr(pipeline.model, "visual_tokens"):
+        return pipeline.model.visual_tokens(inputs)
+    return sum(int((inputs["input_ids"] == i).sum()) for i in ids)
 
 
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:

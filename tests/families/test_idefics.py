@@ -337,3 +337,12 @@ def test_a_legacy_llama_tokenizer_file_reads_as_transformers_5_builds_it(legacy,
               f"data.{EOU}", f"\nUser:  Why?{EOU}", "\nAssistant:"]
     assert vlm.load(path, dtype="float32").encode([conv])["input_ids"].tolist() == \
         _reference_inputs(processor, [prompt])["input_ids"].tolist()
+
+
+def test_the_chat_stats_count_the_image_vectors_read(ours, media_dir):
+    from vlm.session import visual_tokens
+
+    images = [_img(f"{media_dir}/coco.jpg"), _img(f"{media_dir}/voc.jpg")]
+    conv = [{"role": "user", "content": [*images, _text("Compare.")]}]
+    assert visual_tokens(ours, conv, {}) == 2 * ours.model.cfg.image_tokens > 0
+    assert visual_tokens(ours, [{"role": "user", "content": "Hi"}], {}) == 0

@@ -301,6 +301,10 @@ class Idefics(nn.Module):
         states[used] = encoded
         return ImageContext(states.flatten(1, 2), mask, encoded.shape[1])
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> int:
+        """Image vectors the cross-attention reads for these inputs (images x latents or ViT tokens)."""
+        return int(inputs["image_attention_mask"].any(1).sum()) * self.cfg.image_tokens
+
     def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
         return self.model.embed_tokens(inputs["input_ids"])
 
