@@ -211,7 +211,7 @@ class _MarkupDecoder:
     def __init__(self, tokenizer: Tokenizer, keep: Sequence[str]):
         kept = {tokenizer.token_id(t) for t in keep} - {None}
         self.tokenizer, self.dropped = tokenizer, tokenizer.special_ids - kept
-        self.byte_ids = tokenizer.byte_ids
+        self.byte_ids, self.skipped_ids = tokenizer.byte_ids, self.dropped
         self.keep_any = bool(kept & tokenizer.special_ids)
 
     def decode(self, ids: list[int]) -> str:

@@ -33,6 +33,7 @@ class Tokenizer:
         self.byte_ids = _byte_fallback_ids(json.loads(serialized)["model"])
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
+        self.skipped_ids = self.special_ids  # what `decode` leaves out
         self.special_strings = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
         self.template = ChatTemplate.find(directory, self.config, self.special_token_strings())
 
@@ -242,7 +243,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        if self.ids[-1] in self.tokenizer.byte_ids:
+        if self._in_byte_run():
             return ""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         window = self.tokenizer.decode(self.ids[self.prefix:])
@@ -250,6 +251,13 @@ class IncrementalDetokenizer:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return window[len(before):]
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token the decoding keeps (skipped special tokens do not part a run) is a byte."""
+        for token in reversed(self.ids[self.read:]):
+            if token not in self.tokenizer.skipped_ids:
+                return token in self.tokenizer.byte_ids
+        return False
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
