@@ -104,13 +104,12 @@ def check_encoding(pipe, conversation, **options) -> bool:
     ids = inputs["input_ids"]
     assert ids.dtype == torch.long and ids.shape == inputs["attention_mask"].shape
     with torch.inference_mode():
-        embeds = pipe.model.embed(inputs)  # raises InputError when placeholders != features
-        if hasattr(pipe.model, "bind"):  # IDEFICS reads its images at every step, not in the embeddings
-            pipe.model.bind(pipe.model.new_cache(*ids.shape), inputs)
-    assert embeds.shape[:2] == ids.shape and torch.isfinite(embeds).all()
+        embedded = pipe.model.embed(inputs)  # raises InputError when placeholders != features
+    assert embedded.embeds.shape[0] == ids.shape[1] and torch.isfinite(embedded.embeds).all()
     has_media = any(k.startswith("pixel_values") for k in inputs)
     placeholders = sum(int((ids == token).sum()) for token in placeholder_ids(pipe))
     assert (placeholders > 0) == has_media
+    assert int((embedded.content != 0).sum()) == placeholders  # every media position has its content id
     return True
 
 

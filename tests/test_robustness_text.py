@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vlm
 import vlm.tiny
+from tests.threads import engines_stop
 from vlm.conversation import drop_oldest_turn, normalize
 from vlm.errors import ContextLengthError, InputError
 from vlm.session import Limits, SessionManager
@@ -184,4 +185,4 @@ def test_stream_deltas_are_valid_text_while_generating(pipes):
     assert deltas[0].tokens == 1  # sent even when the first token is part of a character (then empty)
     for delta in deltas:
         delta.encode("utf-8")
-    assert not [t for t in threading.enumerate() if t.name == "vlm-generate"]
+    assert engines_stop()

@@ -53,6 +53,10 @@ class ContextLengthError(InputError):
     """The prompt does not fit the model's context window."""
 
 
+class KVBudgetError(ContextLengthError):
+    """A prompt and its answer need more KV cache memory than the engine may use."""
+
+
 class GenerationError(VLMError):
     """Generation failed inside the model (wraps the original exception)."""
 

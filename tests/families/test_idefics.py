@@ -17,6 +17,7 @@ import vlm
 import vlm.tiny
 from tests.parity import assert_same_greedy, reference_greedy
 from vlm.errors import CheckpointError, InputError
+from vlm.layers.attention import Rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,14 +206,15 @@ def test_image_states_are_computed_once_per_request(ours, media_dir):
 
 
 def test_prefix_cache_is_never_reused_over_another_image(checkpoint, ours, media_dir):
-    """The same token ids over another image run in full and answer as a fresh pipeline does; a follow-up
-    turn over the same image reuses the first turn's cache (only its new tokens run) and still answers alike."""
+    """The same token ids over another image reuse the keys and values only before the image (from its <image>
+    token on they depend on it) and answer as a fresh pipeline does; a follow-up turn over the same image
+    reuses the first turn's cache (only its new tokens run) and still answers alike."""
     convs = [[{"role": "user", "content": [_img(f"{media_dir}/{name}"), _text("What is it?")]}]
              for name in ("waterview.jpg", "voc.jpg")]
     ours.clear_caches()
     first = _greedy(ours, convs[0])
     runs = []  # tokens of every forward pass: the prompt's (or what a pooled cache lacks), then one per step
-    hook = ours.model.model.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape[1]))
+    hook = ours.model.model.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape[0]))
     try:
         second = _greedy(ours, convs[1])
         follow = convs[1] + [{"role": "assistant", "content": ours.tokenizer.decode(second)},
@@ -222,7 +224,8 @@ def test_prefix_cache_is_never_reused_over_another_image(checkpoint, ours, media
         hook.remove()
     fresh = vlm.load(checkpoint, dtype="float32")
     prompt, longer = (ours.encode(c)["input_ids"].shape[1] for c in (convs[1], follow))
-    assert runs[0] == prompt and first != second == _greedy(fresh, convs[1])
+    before_image = ours.encode(convs[1])["input_ids"][0].tolist().index(ours.tokenizer.token_id("<image>"))
+    assert runs[0] == prompt - before_image and first != second == _greedy(fresh, convs[1])
     assert runs[len(second)] <= longer - prompt + 1 and third == _greedy(fresh, follow)
 
 
@@ -248,11 +251,11 @@ def _with_head_row(checkpoint, tmp_path, token: str, pipe, conv):
     """A copy of the checkpoint whose output row for `token` wins the first step by far."""
     copy = shutil.copytree(checkpoint, tmp_path / "copy")
     inputs = pipe.encode(conv)
-    cache = pipe.model.new_cache(1, inputs["input_ids"].shape[1])
+    length = inputs["input_ids"].shape[1]
     with torch.inference_mode():
-        pipe.model.bind(cache, inputs)
-        hidden = pipe.model.forward(pipe.model.embed(inputs), inputs["positions"], cache,
-                                    inputs["attention_mask"].bool())[0, -1]
+        embedded = pipe.model.embed(inputs)
+        rows = Rows([pipe.model.cache_spec().new(length)], [length], [embedded.extras])
+        hidden = pipe.model.forward(embedded.embeds, inputs["positions"][:, 0], rows)[-1]
     tensors = load_file(str(copy / "model.safetensors"))
     row, vocab = pipe.tokenizer.token_id(token), pipe.model.cfg.text.vocab_size
     head, embedding = ("lm_head.weight", "model.embed_tokens.weight") if row < vocab else (

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import rope_config
-from .attention import KVCache, SelfAttention
+from .attention import CacheSpec, Rows, SelfAttention
 from .mlp import GatedMLP
 from .norms import RMSNorm
 
@@ -58,8 +58,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -74,17 +74,15 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def cache_spec(self) -> CacheSpec:
         w = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity, w.dtype, w.device)
+        return CacheSpec(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                valid: torch.Tensor) -> torch.Tensor:
-        """embeds (B, L, D), positions (P, B, L), valid (B, L) -> hidden states (B, L, D)."""
-        mask = cache.begin(valid)
-        cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """embeds (N, D) and positions (P, N) of a step's rows (`rows` says whose) -> hidden states (N, D)."""
+        cos, sin = self.rotary(positions[:, None], embeds.dtype)
+        x = embeds[None]
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)
-        cache.commit(embeds.shape[1])
-        return self.norm(x)
+            x = layer(x, cos, sin, rows)
+        rows.commit()
+        return self.norm(x)[0]

@@ -12,21 +12,21 @@ MLP) are scaled by tanh of a learned gate. The image tokens are not in the seque
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...caching import FeatureCache, content_key as hash_contents
 from ...checkpoint import prefix_renamer, rope_config
 from ...errors import CheckpointError, InputError
-from ...layers.attention import KVCache, masked_attention
+from ...layers.attention import Rows, attention
 from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.linear import PackedLinear, packable
 from ...layers.mlp import GatedMLP
 from ...layers.norms import RMSNorm
 from ...layers.rotary import Rotary
+from ...model import ChatModel, Embedded
 from .perceiver import PerceiverConfig, PerceiverResampler
 from .vision import ClipVision, VisionConfig
 
@@ -138,11 +138,11 @@ class DecoupledLinear(nn.Module):
 
 @dataclass
 class ImageContext:
-    """What the cross-attention blocks read, for every step of one batch of requests.
+    """What the cross-attention blocks read at every step of one request (`Embedded.extras["images"]`).
 
-    `states` (B, images * per_image, Dv) are the images' hidden states (a row's missing images are zeros,
-    never attended); `mask` (B, L, images) says which image each prompt token attends to (at most one);
-    tokens after the prompt attend as its last token does. `kv` keeps each block's projected keys and values.
+    `states` (images * per_image, Dv) are the hidden states of the request's images; `mask` (L, images) says
+    which image each prompt token attends to (at most one); tokens after the prompt attend as its last
+    token does. `kv` keeps each block's projected keys and values, computed at the first step.
     """
 
     states: torch.Tensor
@@ -150,16 +150,10 @@ class ImageContext:
     per_image: int
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def rows(self, start: int, count: int) -> torch.Tensor:
-        """mask of the `count` tokens from column `start` on (later columns repeat the last one): (B, count, images)."""
-        cols = torch.arange(start, start + count, device=self.mask.device).clamp(max=self.mask.shape[1] - 1)
-        return self.mask[:, cols]
-
-
-class IdeficsCache(KVCache):
-    """The decoder's KV cache, plus the image context of the requests it holds."""
-
-    context: ImageContext | None = None
+    def keys_seen(self, start: int, count: int) -> torch.Tensor:
+        """(count, images * per_image): the keys each of `count` tokens from prompt position `start` sees."""
+        cols = torch.arange(start, start + count, device=self.mask.device).clamp(max=self.mask.shape[0] - 1)
+        return self.mask[cols].repeat_interleave(self.per_image, dim=-1)
 
 
 class CrossAttention(nn.Module):
@@ -178,19 +172,29 @@ class CrossAttention(nn.Module):
         self.qk_layer_norms = qk_layer_norms
 
     def keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image states (B, T, Dv) -> keys, values (B, H, T, head_dim): computed once per request."""
-        b, t, _ = states.shape
-        k = self.k_proj(states).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(states).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        """Image states (T, Dv) -> keys, values (1, H, T, head_dim)."""
+        k = self.k_proj(states).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(states).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
         return (self.k_layer_norm(k) if self.qk_layer_norms else k), v
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), mask (B, 1, L, T) -> (B, L, D)."""
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, views: list[tuple[int, int, ImageContext, torch.Tensor]],
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (1, N, D): every request's rows; `views` are (begin, end, context, keys seen) of the requests
+        with images. -> (output (1, N, D), gate (1, N, 1): the rows that see an image)."""
+        n = x.shape[1]
+        q = self.q_proj(x).view(1, n, self.heads, self.head_dim).transpose(1, 2)
         if self.qk_layer_norms:
             q = self.q_layer_norm(q)
-        return self.o_proj(masked_attention(q, k, v, mask).transpose(1, 2).reshape(b, n, -1))
+        out = torch.zeros_like(q)
+        gate = torch.zeros(1, n, 1, dtype=torch.bool, device=x.device)
+        for begin, end, context, seen in views:
+            if block not in context.kv:
+                context.kv[block] = self.keys_values(context.states)
+            sees = seen.any(-1)  # a token that sees nothing attends anywhere; its output is zeroed
+            mask = (seen | ~sees[:, None])[None, None]
+            out[:, :, begin:end] = attention(q[:, :, begin:end], *context.kv[block], mask)
+            gate[0, begin:end, 0] = sees
+        return self.o_proj(out.transpose(1, 2).reshape(1, n, -1)), gate
 
 
 class GatedCrossAttentionLayer(nn.Module):
@@ -208,14 +212,11 @@ class GatedCrossAttentionLayer(nn.Module):
         self.alpha_cross_attn = nn.Parameter(torch.empty(shape))
         self.alpha_dense = nn.Parameter(torch.empty(shape))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, L, D); kv from `CrossAttention.keys_values`; mask (B, L, T) of the keys each token sees."""
-        if kv is not None:
-            gate = mask.any(-1, keepdim=True)  # (B, L, 1): tokens that see an image
-            seen = (mask | ~gate)[:, None]  # a token that sees nothing attends anywhere; its output is zeroed
-            attended = self.cross_attn(self.input_layernorm(x), *kv, seen).masked_fill(~gate, 0.0)
-            x = x + torch.tanh(self.alpha_cross_attn) * attended
+    def forward(self, x: torch.Tensor, views: list[tuple[int, int, ImageContext, torch.Tensor]],
+                block: int) -> torch.Tensor:
+        if views:
+            attended, gate = self.cross_attn(self.input_layernorm(x), views, block)
+            x = x + torch.tanh(self.alpha_cross_attn) * attended.masked_fill(~gate, 0.0)
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -235,41 +236,27 @@ class IdeficsDecoder(Decoder):
                                                      for _ in range(text.num_layers // cfg.cross_layer_interval))
         self.interval = cfg.cross_layer_interval
 
-    def new_cache(self, batch: int, capacity: int) -> IdeficsCache:
-        w = self.embed_tokens.weight
-        return IdeficsCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity, w.dtype,
-                            w.device)
-
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, C, S, S) -> the states the cross-attention reads (N, per image, Dv)."""
         states = self.vision_model(pixels)
         return states if self.perceiver_resampler is None else self.perceiver_resampler(states)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: IdeficsCache,
-                valid: torch.Tensor) -> torch.Tensor:
-        """embeds (B, L, D), positions (1, B, L), valid (B, L) -> hidden states (B, L, D)."""
-        context, start = cache.context, cache.length
-        mask = cache.begin(valid)
-        cos, sin = self.rotary(positions, embeds.dtype)
-        image_mask = None
-        if context is not None:  # which keys each token sees: every vector of its image
-            image_mask = context.rows(start, embeds.shape[1]).repeat_interleave(context.per_image, dim=-1)
-        x = embeds
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """embeds (N, D) and positions (1, N) of a step's rows (`rows` says whose) -> hidden states (N, D)."""
+        cos, sin = self.rotary(positions[:, None], embeds.dtype)
+        extras = rows.extras or [{}] * len(rows.caches)
+        views = [(begin, end, e["images"], e["images"].keys_seen(cache.length, end - begin))
+                 for cache, begin, end, e in zip(rows.caches, rows.offsets, rows.offsets[1:], extras) if "images" in e]
+        x = embeds[None]
         for i, layer in enumerate(self.layers):
             if i % self.interval == 0:
-                block = i // self.interval
-                kv = None
-                if context is not None:
-                    if block not in context.kv:
-                        context.kv[block] = self.gated_cross_attn_layers[block].cross_attn.keys_values(context.states)
-                    kv = context.kv[block]
-                x = self.gated_cross_attn_layers[block](x, kv, image_mask)
-            x = layer(x, cos, sin, cache, mask)
-        cache.commit(embeds.shape[1])
-        return self.norm(x)
+                x = self.gated_cross_attn_layers[i // self.interval](x, views, i // self.interval)
+            x = layer(x, cos, sin, rows)
+        rows.commit()
+        return self.norm(x)[0]
 
 
-class Idefics(nn.Module):
+class Idefics(ChatModel):
     """IdeficsForVisionText2Text; module names are the hub's (`model.*`, `lm_head.*`, see WEIGHT_NAMES)."""
 
     language_modules = ("model.layers.", "model.gated_cross_attn_layers.", "lm_head")  # what quantization applies to
@@ -279,51 +266,44 @@ class Idefics(nn.Module):
         self.cfg = cfg
         self.model = IdeficsDecoder(cfg)
         self.lm_head = DecoupledLinear(cfg.text.hidden_size, cfg.text.vocab_size, cfg.additional_vocab_size)
-        self.features = FeatureCache()
 
-    def image_context(self, inputs: dict[str, Any]) -> ImageContext | None:
-        """The images' states and which tokens see them; None for a text-only batch.
+    @property
+    def decoder(self) -> IdeficsDecoder:
+        return self.model
 
-        `pixel_values` (B, images, C, S, S) hold each row's images, zero-padded; `image_attention_mask`
-        (B, L, images) marks the image each token attends to. Only the images some token sees are encoded.
+    @property
+    def head(self) -> DecoupledLinear:
+        return self.lm_head
+
+    def embed(self, inputs: Mapping[str, Any]) -> Embedded:
+        """Token embeddings, and with images their states for the cross-attention (`extras["images"]`).
+
+        An image's content id marks its first attending token (its `<image>` token): every token whose keys
+        and values depend on the image comes after it, so a cached prefix is reused up to there only.
+
+        `pixel_values` (1, images, C, S, S) and `image_attention_mask` (1, L, images) as the processor builds
+        them; each image is encoded once (and not again in a later turn), only if some token sees it.
         """
+        embedded = super().embed(inputs)
         if "pixel_values" not in inputs:
-            return None
-        pixels = inputs["pixel_values"]
-        mask = inputs["image_attention_mask"].to(pixels.device).bool()
-        batch, images = pixels.shape[:2]
-        if mask.shape[0] != batch or mask.shape[2] != images or bool((mask.sum(-1) > 1).any()):
-            raise InputError(f"image_attention_mask {tuple(mask.shape)} does not match pixel_values "
+            return embedded
+        pixels, mask = inputs["pixel_values"][0], inputs["image_attention_mask"][0].to(embedded.content.device).bool()
+        if mask.shape != (embedded.content.shape[0], pixels.shape[0]) or bool((mask.sum(-1) > 1).any()):
+            raise InputError(f"image_attention_mask {tuple(mask.shape)} does not match the prompt and pixel_values "
                              f"{tuple(pixels.shape)} (one image per token at most).")
-        used = mask.any(1)  # (B, images)
-        encoded = self.features(self.model.encode_images, pixels[used])
-        states = encoded.new_zeros(batch, images, *encoded.shape[1:])
-        states[used] = encoded
-        return ImageContext(states.flatten(1, 2), mask, encoded.shape[1])
+        used = mask.any(0).nonzero()[:, 0].tolist()  # images some token sees
+        items = [self.features.encode(self.model.encode_images, pixels[i:i + 1]) for i in used]
+        mask = mask[:, used]
+        embedded.content[mask.long().argmax(0)] = torch.tensor([content for _, content in items], device=mask.device)
+        states = torch.cat([features[0] for features, _ in items])
+        embedded.extras["images"] = ImageContext(states, mask, states.shape[0] // len(items))
+        return embedded
 
-    def visual_tokens(self, inputs: dict[str, Any]) -> int:
+    def encoder_modules(self) -> list[nn.Module]:
+        """The vision tower and resampler: under the decoder's hub prefix (`model.`), but run by `embed` only."""
+        towers = [self.model.vision_model, self.model.perceiver_resampler]
+        return [module for tower in towers if tower is not None for module in tower.modules()]
+
+    def visual_tokens(self, inputs: Mapping[str, Any]) -> int:
         """Image vectors the cross-attention reads for these inputs (images x latents or ViT tokens)."""
         return int(inputs["image_attention_mask"].any(1).sum()) * self.cfg.image_tokens
-
-    def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return self.model.embed_tokens(inputs["input_ids"])
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
-
-    def new_cache(self, batch: int, capacity: int) -> IdeficsCache:
-        return self.model.new_cache(batch, capacity)
-
-    def content_key(self, inputs: dict[str, Any]) -> str | None:
-        """The images a request's KV cache depends on (they are not in its input embeddings)."""
-        return hash_contents(inputs["pixel_values"]) if "pixel_values" in inputs else None
-
-    def bind(self, cache: IdeficsCache, inputs: dict[str, Any]) -> None:
-        """Give `cache` the image context of `inputs`, read at every step of their generation."""
-        cache.context = self.image_context(inputs)
-
-    def forward(self, embeds, positions, cache, valid) -> torch.Tensor:
-        return self.model(embeds, positions, cache, valid)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ...caching import FeatureCache
-from ...errors import InputError
-from ...layers.attention import KVCache
 from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.rotary import MRotary
+from ...model import ChatModel, Embedded, place_media, request_ids
 from .vision import VisionConfig, VisionTransformer
 
 # Checkpoint prefix -> module prefix; hub checkpoints already use the module names.
@@ -22,7 +19,7 @@ WEIGHT_NAMES = [
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 
 
-class Qwen2VL(nn.Module):
+class Qwen2VL(ChatModel):
     language_modules = ("model.", "lm_head")  # what quantization applies to
 
     def __init__(self, text: DecoderConfig, vision: VisionConfig, image_token_id: int, video_token_id: int):
@@ -32,31 +29,24 @@ class Qwen2VL(nn.Module):
         self.visual = VisionTransformer(vision)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.image_token_id, self.video_token_id = image_token_id, video_token_id
-        self.features = FeatureCache()
 
-    def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Token embeddings with vision features written over the image/video placeholders."""
-        ids = inputs["input_ids"]
-        embeds = self.model.embed_tokens(ids)
-        for token, pixels, grid in ((self.image_token_id, "pixel_values", "image_grid_thw"),
-                                    (self.video_token_id, "pixel_values_videos", "video_grid_thw")):
-            if pixels not in inputs:
-                continue
-            features = self.features(self.visual, inputs[pixels].to(embeds.device), inputs[grid])
-            slots = ids == token
-            if int(slots.sum()) != features.shape[0]:
-                raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")
-            embeds[slots] = features.to(embeds.dtype)
-        return embeds
+    @property
+    def decoder(self) -> Decoder:
+        return self.model
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm_head
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.model.new_cache(batch, capacity)
-
-    def forward(self, embeds, positions, cache, valid) -> torch.Tensor:
-        return self.model(embeds, positions, cache, valid)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def embed(self, inputs: dict[str, Any]) -> Embedded:
+        """Token embeddings with each image's and video's features written over its placeholders."""
+        embedded = super().embed(inputs)
+        ids = request_ids(inputs)
+        for token, pixels, grid, kind in ((self.image_token_id, "pixel_values", "image_grid_thw", "image"),
+                                          (self.video_token_id, "pixel_values_videos", "video_grid_thw", "video")):
+            if pixels in inputs:
+                grids = inputs[grid]
+                parts = inputs[pixels].to(embedded.embeds.device).split(grids.prod(-1).tolist())
+                items = [self.features.encode(self.visual, part, g[None]) for part, g in zip(parts, grids)]
+                place_media(embedded, ids == token, items, kind)
+        return embedded
