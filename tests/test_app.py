@@ -8,7 +8,6 @@ and to stop it. Needs Debian's chromium (/usr/bin/chromium) and the playwright p
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -19,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-import vlm.tiny
+import vlm.errors
+from tests.endless import endless_qwen2_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "app"
@@ -40,16 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def endless_qwen2_vl(directory: Path) -> Path:
-    """A tiny Qwen2-VL whose end-of-sequence id is out of its vocabulary: answers run to max_new_tokens
-    (2048 take ~10 s here, so a streaming answer is still running when a test looks at it)."""
-    vlm.tiny.write("qwen2_vl", directory, generation={"eos_token_id": [99999]},
-                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, mrope_section=[8, 12, 12]))
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["eos_token"] = None
-    config_path.write_text(json.dumps(config))
-    return directory
+def slow_endless_qwen2_vl(directory: Path) -> Path:
+    """A larger endless tiny Qwen2-VL: 2048 tokens take ~10 s here, so a streaming answer is still running
+    when a test looks at it."""
+    return endless_qwen2_vl(directory, text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                                 mrope_section=[8, 12, 12]))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def server(tmp_path_factory):
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLM_TINY": "1",
         "VLM_CACHE_DIR": str(tmp_path_factory.mktemp("tiny")),
-        "VLM_MODEL_QWEN2_VL": str(endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
+        "VLM_MODEL_QWEN2_VL": str(slow_endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
         "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
         "VLM_CONCURRENCY": "2",  # two users of one family at once (test_closing_a_tab_...)
     }
@@ -191,10 +186,11 @@ def test_chat_streams_and_stops(page, server):
 
     page.click("#stop")
     page.wait_for_selector("#chatbot [data-testid='bot'] >> text=stopped", timeout=30_000)
-    stopped = last_answer(page)
+    answer = page.locator("#chatbot [data-testid='bot']", has_text="stopped").last  # (boxes may follow it)
+    stopped = answer.inner_text()
     assert "to first token" in stopped and "visual tokens" in stopped
     page.wait_for_timeout(1000)
-    assert last_answer(page) == stopped  # nothing more arrives
+    assert answer.inner_text() == stopped  # nothing more arrives
     assert server_cpu(server) < 50  # the model is idle again: its thread ended
     assert page.locator("#chat-input textarea").is_enabled()
     page.wait_for_selector("#stop:disabled")

@@ -29,7 +29,7 @@ import vlm.conversation
 import vlm.errors
 import vlm.media
 import vlm.pipeline
-import vlm.tiny
+from tests.endless import endless_qwen2_vl
 from tests.test_app import free_port
 from vlm.session import SessionManager
 from vlm.ui import Settings, build, launch
@@ -41,16 +41,6 @@ SOAK_REQUESTS = 200
 SESSIONS = 20  # Gradio sessions kept (each API call is one): the soak's warm-up fills them
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def endless_qwen2_vl(directory: Path) -> Path:
-    """The built-in tiny Qwen2-VL with its end-of-sequence id out of the vocabulary: answers run to the cap."""
-    vlm.tiny.write("qwen2_vl", directory, generation={"eos_token_id": [99999]})
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["eos_token"] = None
-    config_path.write_text(json.dumps(config))
-    return directory
 
 
 def steady_allocator() -> None:
@@ -165,7 +155,7 @@ def test_stop_ends_the_generation_thread_within_a_second(tmp_path):
     for snap in generation.updates(0.01):
         if len(snap.answer) > 20:
             break
-    assert len(vlm_threads()) == 2 and threading.active_count() > baseline  # the session thread and the decoder
+    assert len(vlm_threads()) == 2 and threading.active_count() > baseline  # the session thread and the engine
     stopped = time.monotonic()
     generation.cancel()
     while vlm_threads() or threading.active_count() > baseline:
@@ -197,13 +187,15 @@ def faults(monkeypatch):
     stream = vlm.pipeline.ChatPipeline.stream
 
     def faulty(self, conversation, **options):
-        text = json.dumps(conversation, default=str)
-        for i, delta in enumerate(stream(self, conversation, **options)):
-            if "explode" in text and i == 3:
-                raise RuntimeError("boom")
-            if "oom" in text:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            yield delta
+        def deltas():
+            text = json.dumps(conversation, default=str)
+            for i, delta in enumerate(stream(self, conversation, **options)):
+                if "explode" in text and i == 3:
+                    raise RuntimeError("boom")
+                if "oom" in text:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                yield delta
+        return vlm.pipeline.Answer(deltas())
 
     monkeypatch.setattr(vlm.pipeline.ChatPipeline, "stream", faulty)
 

@@ -1,5 +1,6 @@
-"""SessionManager: lazy loading once, LRU eviction under a memory budget, per-family slots, caps, and
-generations in background threads (streaming, cancel, timeout, errors, no thread left behind)."""
+"""SessionManager: lazy loading once, LRU eviction under a memory budget, caps, and generations followed in
+background threads (streaming, cancel, timeout, errors, no thread left behind) while each family's engine
+queues what its batch cannot hold."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import vlm.tiny
+from tests.endless import endless_qwen2_vl
+from vlm.checkpoint import loaded_bytes
 from vlm.errors import InputError
+from vlm.pipeline import Answer
 from vlm.reasoning import Delta
 from vlm.session import Limits, MemoryBudgetError, SessionManager
 
@@ -29,8 +35,11 @@ class FakePipeline:
         self.deltas, self.delay, self.fail_after = list(deltas), delay, fail_after
         self.options: dict = {}
 
-    def stream(self, conversation, cancel=None, **options):
+    def stream(self, conversation, cancel=None, on_queue=None, **options):
         self.options = options
+        return Answer(self._deltas(cancel))
+
+    def _deltas(self, cancel):
         for i, delta in enumerate(self.deltas):
             if i == self.fail_after:
                 raise RuntimeError("boom")
@@ -57,7 +66,7 @@ def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), lo
 
 
 def session_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-generate"))]
+    return [t for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-engine"))]
 
 
 def finish(generation):
@@ -187,23 +196,6 @@ def test_time_cap_cancels_with_timeout():
     assert last.finish == "timeout" and last.answer
 
 
-def test_requests_of_one_family_wait_for_a_slot_and_can_cancel_while_waiting():
-    manager = fake_manager(make=lambda source: FakePipeline(["x "] * (500 if source == "q" else 3), delay=0.02),
-                           family_concurrency=1)
-    first = manager.generate("qwen2_vl", "q", TEXT)
-    time.sleep(0.1)
-    cancel = threading.Event()
-    second = manager.generate("qwen2_vl", "q", TEXT, cancel)
-    time.sleep(0.2)
-    assert second.snapshot().status.startswith("Waiting") and not second.snapshot().answer
-    other = finish(manager.generate("glm4v", "g", TEXT))  # another family is not blocked
-    assert other.finish == "stop" and not first.snapshot().done
-    cancel.set()
-    assert finish(second).finish == "cancelled" and not second.snapshot().answer
-    first.cancel()
-    assert finish(first).finish == "cancelled"
-
-
 @pytest.mark.parametrize("conversation, options, message", [
     (TEXT, {"max_new_tokens": 10_000}, "max_new_tokens"),
     ([{"role": "user", "content": [{"type": "image", "path": IMAGE}] * 3}], {}, "3 images"),
@@ -231,3 +223,52 @@ def test_real_tiny_model_counts_visual_tokens_and_stops(tiny_qwen):
     assert last.stats.visual_tokens == 12  # 640 x 480 resized to 112 x 84: 4 x 3 merged 28-pixel patches
     bad = finish(manager.generate("qwen2_vl", tiny_qwen, TEXT, top_p=5.0))
     assert isinstance(bad.error, InputError) and "top_p" in str(bad.error)
+
+
+def test_requests_wait_in_the_engine_queue_told_their_place_and_can_cancel_there(tmp_path):
+    """One request in a family's batch (VLM_CONCURRENCY=1): the second waits, its status says how many are
+    ahead; it can be cancelled while waiting; another family is not held up."""
+    manager = SessionManager(dtype="float32", family_concurrency=1)
+    endless = str(endless_qwen2_vl(tmp_path / "q"))
+    first = manager.generate("qwen2_vl", endless, TEXT, max_new_tokens=2000)
+    for snap in first.updates(0.01):
+        if snap.answer:
+            break
+    cancel = threading.Event()
+    second = manager.generate("qwen2_vl", endless, TEXT, cancel, max_new_tokens=4)
+    deadline = time.monotonic() + 10
+    while "1 request(s) ahead" not in second.snapshot().status:
+        assert time.monotonic() < deadline, second.snapshot().status
+        time.sleep(0.01)
+    other = finish(manager.generate("glm4", str(vlm.tiny.write("glm4", tmp_path / "g")), TEXT, max_new_tokens=3))
+    assert other.finish == "stop" and not first.snapshot().done and not second.snapshot().answer
+    cancel.set()
+    assert finish(second).finish == "cancelled" and not second.snapshot().answer
+    first.cancel()
+    assert finish(first).finish == "cancelled"
+
+
+def test_the_visual_tokens_come_from_the_requests_own_inputs(tiny_qwen, monkeypatch):
+    """The conversation is encoded once per answer (its video's frames are not decoded again for the stats)."""
+    manager = SessionManager(dtype="float32")
+    pipe = manager.get("qwen2_vl", tiny_qwen)
+    encoded = []
+    build = pipe.build_inputs
+    monkeypatch.setattr(pipe, "build_inputs", lambda *a, **k: encoded.append(1) or build(*a, **k))
+    conversation = [{"role": "user", "content": [{"type": "video", "path": VIDEO}, {"type": "text", "text": "Hi"}]}]
+    last = finish(manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=2, num_frames=4))
+    assert last.error is None and last.stats.visual_tokens > 0 and len(encoded) == 1
+
+
+def test_the_memory_estimate_reads_pytorch_bin_checkpoints(tiny_qwen, tmp_path):
+    """Older hub repos ship pytorch_model.bin only: the demo's loader sizes them as vlm.load reads them."""
+    copy = tmp_path / "bin"
+    copy.mkdir()
+    for file in Path(tiny_qwen).iterdir():
+        if file.suffix != ".safetensors":
+            (copy / file.name).write_bytes(file.read_bytes())
+    torch.save(load_file(Path(tiny_qwen) / "model.safetensors"), copy / "pytorch_model.bin")
+    manager = SessionManager(dtype="float32")
+    manager.get("qwen2_vl", str(copy))
+    assert manager.loaded()["qwen2_vl"].nbytes == loaded_bytes(Path(tiny_qwen), torch.float32) > 0
+    assert loaded_bytes(Path(tiny_qwen), torch.bfloat16) * 2 == loaded_bytes(Path(tiny_qwen), torch.float32)

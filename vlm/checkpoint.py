@@ -179,6 +179,20 @@ def _tensor_entries(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is not a readable PyTorch weights file: {exc}") from exc
 
 
+def loaded_bytes(directory: Path, dtype: torch.dtype) -> int:
+    """Memory a checkpoint's weights take once loaded: floating tensors in `dtype`, others as stored. Only
+    headers are read (safetensors), or the tensors' metadata of a memory-mapped pytorch_model.bin."""
+    total = 0
+    for file in weight_files(Path(directory)):
+        for entry in _tensor_entries(file).values():
+            if isinstance(entry, torch.Tensor):
+                stored, shape = entry.dtype, entry.shape
+            else:
+                stored, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+            total += math.prod(shape) * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
+    return total
+
+
 class _WeightReader:
     """Reads tensors for `load_weights`. A tensor stored in the target dtype is memory-mapped (nothing is
     read until it is used, and the pages stay evictable file cache); one that needs a cast is read and

@@ -225,8 +225,8 @@ class ChatPipeline:
 
 
 class Answer:
-    """A streamed answer: iterate it for its `Delta`s; `visual_tokens` and `queue_position` describe its
-    request once the engine has it (before the first delta arrives). `close()` cancels it."""
+    """A streamed answer: iterate it for its `Delta`s; `visual_tokens` counts its prompt's image and video
+    positions once the engine has it (before the first delta arrives). `close()` cancels it."""
 
     def __init__(self, items: Iterator[Delta | Handle]):
         self._items = items
@@ -234,12 +234,7 @@ class Answer:
 
     @property
     def visual_tokens(self) -> int | None:
-        """Image and video placeholder tokens in the prompt (from the inputs the request built)."""
         return None if self._handle is None else self._handle.visual_tokens
-
-    @property
-    def queue_position(self) -> int | None:
-        return None if self._handle is None else self._handle.position
 
     def __iter__(self) -> "Answer":
         return self

@@ -1,8 +1,9 @@
 """SessionManager: models loaded lazily (at most one per family) under a memory budget, and answers
-generated in background threads.
+followed in background threads while each family's engine generates them.
 
-UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
-cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
+UI-agnostic. The manager holds only what users share (the loaded models, each answering every request
+through its engine); each user's history and cancel event belong to the caller (the Gradio session),
+which starts a `Generation` per answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import math
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +21,6 @@ from .conversation import drop_oldest_turn, media_items, normalize
 from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
-POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
 # Segmentation slides model-sized windows over the image resized to a short side of ~224 pixels: the
 # window count (time) and the logits (memory) grow with the aspect ratio, so very long strips are refused.
 MAX_SEGMENT_ASPECT = 32
@@ -55,22 +54,25 @@ class SessionManager:
     """Loads models on first use, one per family, evicting the least recently used ones to fit `budget`.
 
     `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
-    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load.
+    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load. A chat model's
+    engine runs up to `family_concurrency` requests at once (None: as many as `kv_budget_bytes` of KV
+    cache hold, per family); the others wait in its queue.
     """
 
-    def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
-                 device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
-                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None):
+    def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(),
+                 family_concurrency: int | None = None, device: str = "auto", dtype: str = "auto",
+                 resolve: Callable[[str], Path] | None = None, estimate: Callable[[Path], int] | None = None,
+                 load: Callable[[Path], Any] | None = None, kv_budget_bytes: int | None = None):
         self.budget = budget_bytes
         self.limits = limits
+        self.concurrency = family_concurrency
+        engine = {"kv_budget_bytes": kv_budget_bytes, "max_batch": family_concurrency}
         self._resolve = resolve or _hub_resolve
-        self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
-        self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
+        self._estimate = estimate or (lambda directory: _estimate_bytes(directory, device, dtype))
+        self._load = load or (lambda directory: _vlm_load(directory, device, dtype, engine))
         self._models: dict[str, LoadedModel] = {}
         self._state = threading.Lock()  # guards _models
         self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
-        self.concurrency = family_concurrency
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     # -------------------------------------------------------------------------------------- models
     def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
@@ -140,20 +142,6 @@ class SessionManager:
             _free_memory()
 
     # ------------------------------------------------------------------------------------- requests
-    @contextmanager
-    def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
-        """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
-        with self._state:
-            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.concurrency))
-        while not semaphore.acquire(timeout=POLL_SECONDS):
-            if cancel is not None and cancel.is_set():
-                yield False
-                return
-        try:
-            yield True
-        finally:
-            semaphore.release()
-
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
         """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""
         tokens = options.get("max_new_tokens")
@@ -178,10 +166,8 @@ class SessionManager:
 
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
-        """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
-        image = segmentable(image)
-        with self.slot(family):
-            return self.get(family, source, progress).segment(image, labels, **options)
+        """Segment `image` with `labels` (in the calling thread)."""
+        return self.get(family, source, progress).segment(segmentable(image), labels, **options)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -217,11 +203,12 @@ class Snapshot:
 
 
 class Generation:
-    """One answer produced in a background thread; `updates()` hands its progress to the caller.
+    """One answer followed in a background thread; `updates()` hands its progress to the caller.
 
-    Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. Setting the
-    cancel event (or `cancel()`) stops the model within one step; a request running longer than the
-    time cap is cancelled with finish "timeout". Exceptions end up in `Snapshot.error`.
+    Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. While the request
+    waits for room in its engine, the status says its place in the queue. Setting the cancel event (or
+    `cancel()`) stops the model within one step; a request running longer than the time cap is cancelled
+    with finish "timeout". Exceptions end up in `Snapshot.error`.
     """
 
     def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
@@ -232,7 +219,7 @@ class Generation:
         self._timed_out = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
+        self._snapshot = Snapshot(0, "Waiting…", "", "")
         self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
 
@@ -276,21 +263,18 @@ class Generation:
         try:
             manager.check(self._conversation, self._options)
             timer.start()
-            with manager.slot(self.family, self._cancel) as acquired:
-                if acquired:
-                    self._update(status=f"Loading {self.family}…")
-                    pipeline = manager.get(self.family, self.source,
-                                           lambda _, message: self._update(status=message))
-                    self._update(status="Reading the inputs…")
-                    start = time.perf_counter()
-                    conversation, deltas, dropped = self._open_stream(pipeline)
-                    for delta in deltas:
-                        first, tokens = first or time.perf_counter(), delta.tokens
-                        part = "thinking" if delta.kind == "thinking" else "answer"
-                        texts[part] += delta
-                        self._update(**{part: texts[part]})
-                    stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                  visual_tokens(pipeline, conversation, self._options), dropped)
+            self._update(status=f"Loading {self.family}…")
+            pipeline = manager.get(self.family, self.source, lambda _, message: self._update(status=message))
+            self._update(status="Reading the inputs…")
+            start = time.perf_counter()
+            answer, deltas, dropped = self._open_stream(pipeline)
+            for delta in deltas:
+                first, tokens = first or time.perf_counter(), delta.tokens
+                part = "thinking" if delta.kind == "thinking" else "answer"
+                texts[part] += delta
+                self._update(**{part: texts[part]})
+            stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
+                          answer.visual_tokens or 0, dropped)
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
@@ -307,18 +291,19 @@ class Generation:
             self._done.set()
 
     def _open_stream(self, pipeline: Any) -> tuple[Any, Iterator[Any], int]:
-        """Start the pipeline's stream: (conversation used, deltas, exchanges dropped).
+        """Start the pipeline's stream: (its Answer, the deltas, exchanges dropped).
 
-        With `context_overflow="truncate"`, a prompt longer than the context loses its oldest exchanges
-        (system prompt and last question kept) until it fits; otherwise ContextLengthError stands.
+        With `context_overflow="truncate"`, a prompt longer than the context (or than the KV budget holds)
+        loses its oldest exchanges (system prompt and last question kept) until it fits; otherwise
+        ContextLengthError stands.
         """
         conversation, dropped = self._conversation, 0
         while True:
-            deltas = pipeline.stream(conversation, cancel=self._cancel, **self._options)
+            answer = pipeline.stream(conversation, cancel=self._cancel, on_queue=self._queued, **self._options)
             try:
-                first = next(deltas)
+                first = next(answer)
             except StopIteration:
-                return conversation, iter(()), dropped
+                return answer, iter(()), dropped
             except ContextLengthError as exc:
                 shorter = drop_oldest_turn(conversation) if self._manager.limits.context_overflow == "truncate" \
                     else None
@@ -328,7 +313,12 @@ class Generation:
                 self._update(status=f"The conversation is longer than the context: leaving out the oldest "
                                     f"{dropped} exchange(s)…")
                 continue
-            return conversation, itertools.chain([first], deltas), dropped
+            return answer, itertools.chain([first], answer), dropped
+
+    def _queued(self, place: int) -> None:
+        """The engine's news of this request's place in its queue (0: it runs)."""
+        self._update(status=f"Waiting for room: {place} request(s) ahead in the queue…" if place else
+                     "Reading the prompt…")
 
     def _time_up(self) -> None:
         self._timed_out.set()
@@ -363,23 +353,6 @@ def segmentable(image: Any) -> Any:
     return image
 
 
-def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt, or the image vectors a cross-attention model
-    (IDEFICS) reads (0 for a text-only conversation)."""
-    if not media_items(normalize(conversation)):
-        return 0
-    from .checkpoint import read_config
-
-    config = read_config(pipeline.directory)
-    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
-    ids = {config[k] for k in keys if isinstance(config.get(k), int)}
-    media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
-    inputs = pipeline.encode(conversation, **media)
-    if hasattr(pipeline.model, "visual_tokens"):
-        return pipeline.model.visual_tokens(inputs)
-    return sum(int((inputs["input_ids"] == i).sum()) for i in ids)
-
-
 def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
     """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
     if num_frames:
@@ -390,23 +363,10 @@ def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
     return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
 
 
-def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
-    """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
-    from safetensors import safe_open
+def _estimate_bytes(directory: Path, device: str, dtype: str) -> int:
+    from .checkpoint import loaded_bytes, resolve_device, resolve_dtype
 
-    from .checkpoint import resolve_device, resolve_dtype, weight_files
-
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for file in weight_files(Path(directory)):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                tensor = reader.get_slice(key)
-                kind = tensor.get_dtype()
-                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
-                total += math.prod(tensor.get_shape()) * size
-    return total
+    return loaded_bytes(directory, resolve_dtype(dtype, resolve_device(device)))
 
 
 def format_bytes(n: float) -> str:
@@ -426,10 +386,14 @@ def _hub_resolve(source: str) -> Path:
     return resolve(source)
 
 
-def _vlm_load(directory: Path, device: str, dtype: str) -> Any:
+def _vlm_load(directory: Path, device: str, dtype: str, engine: dict[str, Any]) -> Any:
     from . import load
+    from .pipeline import ChatPipeline
 
-    return load(directory, device=device, dtype=dtype)
+    pipeline = load(directory, device=device, dtype=dtype)
+    if isinstance(pipeline, ChatPipeline):
+        pipeline.engine_options.update(engine)
+    return pipeline
 
 
 def _free_memory() -> None:

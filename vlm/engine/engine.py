@@ -41,8 +41,8 @@ class Handle:
     it stopped), then `finish_reason` says why it ended: "stop", "length", "cancelled" or "timeout". A
     failure in the model is raised to the iterating thread."""
 
-    def __init__(self, prompt_tokens: int, visual_tokens: int):
-        self.prompt_tokens, self.visual_tokens = prompt_tokens, visual_tokens
+    def __init__(self, visual_tokens: int):
+        self.visual_tokens = visual_tokens  # image and video positions in the prompt
         self.position: int | None = None  # place in the queue while waiting, 0 while running, None when over
         self.finish_reason: str | None = None
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -159,7 +159,7 @@ class Engine:
                     embedded = self.model.embed(request.inputs)
             except Cancelled:
                 embedded = None
-        handle = Handle(ids.shape[0], 0 if embedded is None else int((embedded.content != 0).sum()))
+        handle = Handle(0 if embedded is None else int((embedded.content != 0).sum()))
         if embedded is None:
             handle._end("cancelled")
             return handle

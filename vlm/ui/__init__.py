@@ -33,7 +33,7 @@ def build(settings: Settings) -> gr.Blocks:
     Image.MAX_IMAGE_PIXELS = settings.media.max_image_pixels // 2
     catalog = Catalog.discover(settings)
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency, settings.device,
-                             settings.dtype, resolve=catalog.resolve)
+                             settings.dtype, resolve=catalog.resolve, kv_budget_bytes=settings.kv_budget_bytes)
     served = catalog.families
     segmentation = [name for name in served if is_segmentation(name)]
     chat = [name for name in served if name not in segmentation]
@@ -51,7 +51,7 @@ def build(settings: Settings) -> gr.Blocks:
             if segmentation:
                 with gr.Tab("Segmentation", id="segmentation"):
                     SegmentTab(manager, catalog, segmentation).build()
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency or 1)
     return demo
 
 

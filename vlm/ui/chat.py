@@ -90,8 +90,9 @@ class ChatTab:
                     max_pixels, fps, num_frames, thinking_budget]
         defaults = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, thinking_budget, thinking]
         private: dict[str, Any] = {"api_visibility": "private"}
+        concurrency = self.manager.concurrency  # requests in a family's batch; None: what its KV budget holds
         generating = {**private, "concurrency_id": "chat",
-                      "concurrency_limit": self.manager.concurrency * len(self.families)}
+                      "concurrency_limit": concurrency * len(self.families) if concurrency else None}
         enable = {"fn": lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False)),
                   "inputs": None, "outputs": [box, stop], **private}
 

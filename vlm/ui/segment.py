@@ -64,7 +64,7 @@ class SegmentTab:
                       family, checkpoint, api_visibility="private")
         run.click(self.segment, [image, labels, family, checkpoint, threshold, opacity, names],
                   [overlay, shown, areas, result],
-                  api_name="segment", concurrency_id="segment", concurrency_limit=self.manager.concurrency)
+                  api_name="segment", concurrency_id="segment", concurrency_limit=self.manager.concurrency or 1)
         for control in (opacity, names, shown):
             control.input(self.redraw, [result, opacity, names, shown], overlay, api_visibility="private")
 

@@ -303,7 +303,3 @@ class Idefics(ChatModel):
         """The vision tower and resampler: under the decoder's hub prefix (`model.`), but run by `embed` only."""
         towers = [self.model.vision_model, self.model.perceiver_resampler]
         return [module for tower in towers if tower is not None for module in tower.modules()]
-
-    def visual_tokens(self, inputs: Mapping[str, Any]) -> int:
-        """Image vectors the cross-attention reads for these inputs (images x latents or ViT tokens)."""
-        return int(inputs["image_attention_mask"].any(1).sum()) * self.cfg.image_tokens
