@@ -81,11 +81,6 @@ class IdeficsConfig:
                    qk_layer_norms=bool(c["qk_layer_norms"]), alpha_type=c["alpha_type"],
                    max_context=c["max_position_embeddings"])
 
-    @property
-    def image_tokens(self) -> int:
-        """Key/value vectors per image in the cross-attention."""
-        return self.perceiver.latents if self.perceiver else self.vision.tokens
-
 
 # ---------------------------------------------------------------------------------------------- vocabulary
 
