@@ -340,36 +340,3 @@ def test_a_legacy_llama_tokenizer_file_reads_as_transformers_5_builds_it(legacy,
               f"data.{EOU}", f"\nUser:  Why?{EOU}", "\nAssistant:"]
     assert vlm.load(path, dtype="float32").encode([conv])["input_ids"].tolist() == \
         _reference_inputs(processor, [prompt])["input_ids"].tolist()
-
-
-@pytest.mark.parametrize("legacy", [False, True])
-def test_a_legacy_llama_tokenizer_file_reads_as_transformers_5_builds_it(legacy, tmp_path, media_dir):
-    """The hub's Llama tokenizer.json files prefix every piece of text with '▁' in a normaliser (also after
-    special tokens); transformers 5 rebuilds a LlamaTokenizer's pipeline from its vocabulary (a Metaspace
-    prefix at the start only, unless `legacy`). We read such a file as the reference does."""
-    path = vlm.tiny.write("idefics", tmp_path / "legacy")
-    data = json.loads((path / "tokenizer.json").read_text())
-    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
-                                                              {"type": "Replace", "pattern": {"String": " "},
-                                                               "content": "\u2581"}]}
-    data["pre_tokenizer"], data["model"]["unk_token"] = None, "<unk>"
-    (path / "tokenizer.json").write_text(json.dumps(data))
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
-    _, processor = _reference(path)
-    radar = f"{media_dir}/llava_v1_5_radar.jpg"
-    conv = [{"role": "user", "content": [_text("What is in this  image?"), _img(radar), _text("Tell me.")]},
-            {"role": "assistant", "content": "A chart  with café ☕ data."}, {"role": "user", "content": " Why?"}]
-    prompt = ["User: What is in this  image?", _img(radar), f"Tell me.{EOU}", f"\nAssistant: A chart  with café ☕ "
-              f"data.{EOU}", f"\nUser:  Why?{EOU}", "\nAssistant:"]
-    assert vlm.load(path, dtype="float32").encode([conv])["input_ids"].tolist() == \
-        _reference_inputs(processor, [prompt])["input_ids"].tolist()
-
-
-def test_the_chat_stats_count_the_image_vectors_read(ours, media_dir):
-    from vlm.session import visual_tokens
-
-    images = [_img(f"{media_dir}/coco.jpg"), _img(f"{media_dir}/voc.jpg")]
-    conv = [{"role": "user", "content": [*images, _text("Compare.")]}]
-    assert visual_tokens(ours, conv, {}) == 2 * ours.model.cfg.image_tokens > 0
-    assert visual_tokens(ours, [{"role": "user", "content": "Hi"}], {}) == 0
