@@ -33,3 +33,8 @@ def assert_same_greedy(ours: list[int], theirs: list[int], gaps: list[float], st
             return compared
     assert compared >= min(MIN_STEPS, len(theirs)), f"only {compared} steps agree before a near-tie; reseed the config"
     return compared
+
+
+def greedy_tokens(pipe, conversation, steps: int) -> list[int]:
+    """Our greedy answer's token ids."""
+    return pipe.generate(conversation, max_new_tokens=steps, do_sample=False)[0].token_ids

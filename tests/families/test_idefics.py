@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy
 from vlm.errors import CheckpointError, InputError
 from vlm.layers.attention import Rows
 
@@ -103,10 +103,6 @@ def _check(ours, reference, conversations, prompts):
     for row, out in enumerate(outs):
         assert_same_greedy(out.token_ids, tokens[row], gaps[row], ours.stop_ids)
     return tokens
-
-
-def _greedy(pipe, conv):
-    return pipe.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
 
 
 def test_one_image(ours, reference, media_dir):
@@ -212,21 +208,21 @@ def test_prefix_cache_is_never_reused_over_another_image(checkpoint, ours, media
     convs = [[{"role": "user", "content": [_img(f"{media_dir}/{name}"), _text("What is it?")]}]
              for name in ("waterview.jpg", "voc.jpg")]
     ours.clear_caches()
-    first = _greedy(ours, convs[0])
+    first = greedy_tokens(ours, convs[0], STEPS)
     runs = []  # tokens of every forward pass: the prompt's (or what a pooled cache lacks), then one per step
     hook = ours.model.model.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape[0]))
     try:
-        second = _greedy(ours, convs[1])
+        second = greedy_tokens(ours, convs[1], STEPS)
         follow = convs[1] + [{"role": "assistant", "content": ours.tokenizer.decode(second)},
                              {"role": "user", "content": "Why?"}]
-        third = _greedy(ours, follow)
+        third = greedy_tokens(ours, follow, STEPS)
     finally:
         hook.remove()
     fresh = vlm.load(checkpoint, dtype="float32")
     prompt, longer = (ours.encode(c)["input_ids"].shape[1] for c in (convs[1], follow))
     before_image = ours.encode(convs[1])["input_ids"][0].tolist().index(ours.tokenizer.token_id("<image>"))
-    assert runs[0] == prompt - before_image and first != second == _greedy(fresh, convs[1])
-    assert runs[len(second)] <= longer - prompt + 1 and third == _greedy(fresh, follow)
+    assert runs[0] == prompt - before_image and first != second == greedy_tokens(fresh, convs[1], STEPS)
+    assert runs[len(second)] <= longer - prompt + 1 and third == greedy_tokens(fresh, follow, STEPS)
 
 
 def test_stream_matches_generate(ours, media_dir):
@@ -244,7 +240,7 @@ def test_nested_and_sharded_layouts_match_hub(checkpoint, ours, reference, media
     assert "rope_parameters" in json.loads((nested / "config.json").read_text())
     assert (nested / "model.safetensors.index.json").exists() and not (nested / "preprocessor_config.json").exists()
     conv = [{"role": "user", "content": [_img(f"{media_dir}/waterview.jpg"), _text("What is it?")]}]
-    assert _greedy(vlm.load(nested, dtype="float32"), conv) == _greedy(ours, conv)
+    assert greedy_tokens(vlm.load(nested, dtype="float32"), conv, STEPS) == greedy_tokens(ours, conv, STEPS)
 
 
 def _with_head_row(checkpoint, tmp_path, token: str, pipe, conv):
@@ -276,7 +272,7 @@ def test_image_tokens_are_never_generated(checkpoint, ours, media_dir, tmp_path)
     image = ours.tokenizer.token_id("<image>")
     assert reference_greedy(model, theirs, 1)[0][0][0] == image
     tokens, gaps = reference_greedy(model, theirs, STEPS, **_generate_kwargs(processor))
-    mine = _greedy(vlm.load(copy, dtype="float32"), conv)
+    mine = greedy_tokens(vlm.load(copy, dtype="float32"), conv, STEPS)
     assert image not in mine
     assert_same_greedy(mine, tokens[0], gaps[0])
 
@@ -301,7 +297,7 @@ def test_typed_image_tokens_and_urls_stay_text(ours, monkeypatch):
     assert ours.tokenizer.token_id("<image>") not in ids and "pixel_values" not in inputs
     assert not inputs["image_attention_mask"].any()
     assert ours.tokenizer.decode(ids).count("<image>") == 1
-    assert len(_greedy(ours, [{"role": "user", "content": [_text(typed)]}])) > 0
+    assert len(greedy_tokens(ours, [{"role": "user", "content": [_text(typed)]}], STEPS)) > 0
 
 
 def test_videos_and_mismatched_checkpoints_are_refused(checkpoint, media_dir, tmp_path):

@@ -3,11 +3,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from .attention import full_attention
 from .mlp import MLP
+
+
+@dataclass
+class ViTConfig:
+    """A CLIP/SigLIP vision config (`embed_dim` is CLIP's older name for `hidden_size`)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_act: str
+    layer_norm_eps: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, defaults: dict[str, Any]) -> "ViTConfig":
+        """A `vision_config` over the family's defaults (which name every field, in the hub's names)."""
+        d = {**defaults, **(d or {})}
+        return cls(hidden_size=d.get("hidden_size", d.get("embed_dim")), intermediate_size=d["intermediate_size"],
+                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"], image_size=d["image_size"],
+                   patch_size=d["patch_size"], num_channels=d["num_channels"], hidden_act=d["hidden_act"],
+                   layer_norm_eps=d["layer_norm_eps"])
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of an image."""
+        return self.image_size // self.patch_size
 
 
 class Attention(nn.Module):
@@ -43,6 +75,7 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """Hub prefix `encoder.`: the stack of layers."""
 
-    def __init__(self, layers: int, dim: int, heads: int, hidden: int, act: str, eps: float):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(dim, heads, hidden, act, eps) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size,
+                                                 cfg.hidden_act, cfg.layer_norm_eps) for _ in range(cfg.num_layers))

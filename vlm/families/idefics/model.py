@@ -28,7 +28,8 @@ from ...layers.norms import RMSNorm
 from ...layers.rotary import Rotary
 from ...model import ChatModel, Embedded
 from .perceiver import PerceiverConfig, PerceiverResampler
-from .vision import ClipVision, VisionConfig
+from ...layers.vit import ViTConfig
+from .vision import ClipVision, vision_config
 
 # Module names are the hub's, except the base rows of the decoupled head (a plain linear inside it).
 WEIGHT_NAMES = [("lm_head.weight", "lm_head.base.weight")]
@@ -48,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
 @dataclass
 class IdeficsConfig:
     text: DecoderConfig
-    vision: VisionConfig
+    vision: ViTConfig
     perceiver: PerceiverConfig | None  # None: the cross-attention reads the ViT's tokens directly
     additional_vocab_size: int
     cross_layer_interval: int
@@ -75,7 +76,7 @@ class IdeficsConfig:
                                   "(the reference builds num_hidden_layers // interval cross-attention blocks).")
         if c["alpha_type"] not in ("float", "vector"):
             raise CheckpointError(f"alpha_type={c['alpha_type']!r}; expected 'float' or 'vector'.")
-        return cls(text=text, vision=VisionConfig.from_dict(c.get("vision_config")),
+        return cls(text=text, vision=vision_config(c.get("vision_config")),
                    perceiver=PerceiverConfig.from_dict(c.get("perceiver_config")) if c["use_resampler"] else None,
                    additional_vocab_size=c["additional_vocab_size"], cross_layer_interval=interval,
                    qk_layer_norms=bool(c["qk_layer_norms"]), alpha_type=c["alpha_type"],
@@ -198,7 +199,7 @@ class GatedCrossAttentionLayer(nn.Module):
     def __init__(self, cfg: IdeficsConfig):
         super().__init__()
         text = cfg.text
-        self.cross_attn = CrossAttention(text.hidden_size, cfg.vision.embed_dim, text.num_heads, cfg.qk_layer_norms,
+        self.cross_attn = CrossAttention(text.hidden_size, cfg.vision.hidden_size, text.num_heads, cfg.qk_layer_norms,
                                          text.rms_norm_eps)
         self.mlp = GatedMLP(text.hidden_size, text.intermediate_size, text.hidden_act)
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
@@ -226,7 +227,7 @@ class IdeficsDecoder(Decoder):
         super().__init__(text, Rotary(text.head_dim, text.rope["rope_theta"]))
         self.embed_tokens = DecoupledEmbedding(text.vocab_size, cfg.additional_vocab_size, text.hidden_size)
         self.vision_model = ClipVision(cfg.vision)
-        self.perceiver_resampler = PerceiverResampler(cfg.vision.embed_dim, cfg.perceiver) if cfg.perceiver else None
+        self.perceiver_resampler = PerceiverResampler(cfg.vision.hidden_size, cfg.perceiver) if cfg.perceiver else None
         self.gated_cross_attn_layers = nn.ModuleList(GatedCrossAttentionLayer(cfg)
                                                      for _ in range(text.num_layers // cfg.cross_layer_interval))
         self.interval = cfg.cross_layer_interval

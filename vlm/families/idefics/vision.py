@@ -4,14 +4,13 @@ features (the pooled `post_layernorm` output is not used)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import InputError
-from ...layers.vit import Encoder
+from ...layers.vit import Encoder, ViTConfig
 
 # IdeficsVisionConfig's defaults.
 DEFAULTS: dict[str, Any] = {
@@ -20,40 +19,19 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass
-class VisionConfig:
-    embed_dim: int
-    image_size: int
-    patch_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_channels: int = 3
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "VisionConfig":
-        d = {**DEFAULTS, **(d or {})}
-        return cls(embed_dim=d.get("hidden_size", d["embed_dim"]), image_size=d["image_size"],
-                   patch_size=d["patch_size"], intermediate_size=d["intermediate_size"],
-                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                   num_channels=d["num_channels"], hidden_act=d["hidden_act"], layer_norm_eps=d["layer_norm_eps"])
-
-    @property
-    def tokens(self) -> int:
-        """Hidden states per image: one per patch, plus the class token."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+def vision_config(d: dict[str, Any] | None) -> ViTConfig:
+    """IDEFICS' `vision_config`."""
+    return ViTConfig.from_dict(d, DEFAULTS)
 
 
 class Embeddings(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.image_size = cfg.image_size
-        self.class_embedding = nn.Parameter(torch.empty(cfg.embed_dim))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size,
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
                                          bias=False)
-        self.position_embedding = nn.Embedding(cfg.tokens, cfg.embed_dim)
+        self.position_embedding = nn.Embedding(cfg.grid**2 + 1, cfg.hidden_size)  # the class token's, then patches
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, C, S, S) -> (N, 1 + patches, D): the class token, then the patches row by row."""
@@ -68,13 +46,12 @@ class Embeddings(nn.Module):
 class ClipVision(nn.Module):
     """Hub prefix `model.vision_model.`."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.embeddings = Embeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)  # sic: the hub's name
-        self.encoder = Encoder(cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act,
-                               cfg.layer_norm_eps)
-        self.post_layernorm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)  # of the pooled token: unused
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the hub's name
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # of the pooled token: unused
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, C, S, S) -> the last layer's hidden states (N, tokens, D)."""

@@ -16,9 +16,10 @@ from ...errors import CheckpointError, InputError, UnsupportedModelError
 from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.mlp import activation
 from ...layers.rotary import Rotary
+from ...layers.vit import ViTConfig
 from ...model import ChatModel, Embedded, place_media, request_ids
 from .anyres import Size, limited_shape, max_tiles, tile_grid, unpadded_shape
-from .siglip import SiglipConfig, SiglipVision
+from .siglip import SiglipVision, siglip_config
 
 # Module names are the hub's (`language_model.model.*`, `vision_tower.vision_model.*`, ...). This table maps
 # other names a checkpoint may carry (transformers 5's in-memory ones) to them.
@@ -52,7 +53,7 @@ def rename(key: str) -> str | None:
 @dataclass
 class LlavaOnevisionConfig:
     text: DecoderConfig
-    vision: SiglipConfig
+    vision: ViTConfig
     image_token_id: int
     video_token_id: int
     feature_layers: list[int]
@@ -76,7 +77,7 @@ class LlavaOnevisionConfig:
             raise CheckpointError(f"vision_feature_select_strategy={strategy!r}; expected 'full' or 'default'.")
         pinpoints = config.get("image_grid_pinpoints") or [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
         return cls(
-            text=decoder, vision=SiglipConfig.from_dict(config.get("vision_config")),
+            text=decoder, vision=siglip_config(config.get("vision_config")),
             image_token_id=config.get("image_token_index", config.get("image_token_id", 151646)),
             video_token_id=config.get("video_token_index", config.get("video_token_id", 151647)),
             feature_layers=[layers] if isinstance(layers, int) else list(layers), select_strategy=strategy,
@@ -113,7 +114,7 @@ class CausalLM(nn.Module):
 class VisionTower(nn.Module):
     """Hub prefix `vision_tower.vision_model.`."""
 
-    def __init__(self, cfg: SiglipConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.vision_model = SiglipVision(cfg)
 

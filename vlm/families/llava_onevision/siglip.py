@@ -3,13 +3,12 @@ pre-norm ViT encoder; the caller picks which layers' hidden states it wants (no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...layers.vit import Encoder
+from ...layers.vit import Encoder, ViTConfig
 
 # SiglipVisionConfig's defaults, overridden by the ones LlavaOnevisionConfig gives its vision sub-config.
 DEFAULTS: dict[str, Any] = {
@@ -22,34 +21,13 @@ LLAVA_ONEVISION_DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass
-class SiglipConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "SiglipConfig":
-        d = {**DEFAULTS, **LLAVA_ONEVISION_DEFAULTS, **(d or {})}
-        return cls(hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"], image_size=d["image_size"],
-                   patch_size=d["patch_size"], num_channels=d["num_channels"], hidden_act=d["hidden_act"],
-                   layer_norm_eps=d["layer_norm_eps"])
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of one image tile."""
-        return self.image_size // self.patch_size
+def siglip_config(d: dict[str, Any] | None) -> ViTConfig:
+    """LLaVA-OneVision's `vision_config`."""
+    return ViTConfig.from_dict(d, {**DEFAULTS, **LLAVA_ONEVISION_DEFAULTS})
 
 
 class Embeddings(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.grid**2, cfg.hidden_size)
@@ -66,12 +44,11 @@ class SiglipVision(nn.Module):
     `post_layernorm` is part of the checkpoint, but LLaVA takes its features before it.
     """
 
-    def __init__(self, cfg: SiglipConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.hidden_act,
-                               cfg.layer_norm_eps)
+        self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels: torch.Tensor, feature_layers: list[int]) -> torch.Tensor:
