@@ -272,3 +272,12 @@ def test_the_memory_estimate_reads_pytorch_bin_checkpoints(tiny_qwen, tmp_path):
     manager.get("qwen2_vl", str(copy))
     assert manager.loaded()["qwen2_vl"].nbytes == loaded_bytes(Path(tiny_qwen), torch.float32) > 0
     assert loaded_bytes(Path(tiny_qwen), torch.bfloat16) * 2 == loaded_bytes(Path(tiny_qwen), torch.float32)
+
+
+def test_concurrency_and_kv_budget_settings():
+    from vlm.ui import Settings
+
+    settings = Settings.from_env({"VLM_CONCURRENCY": "3", "VLM_KV_BUDGET_GB": "2", "VLM_MEMORY_BUDGET_GB": "10"})
+    assert settings.concurrency == 3 and settings.kv_budget_bytes == 2 * 2**30
+    defaults = Settings.from_env({"VLM_MEMORY_BUDGET_GB": "10"})
+    assert defaults.concurrency is None and defaults.kv_budget_bytes == 10 * 2**30 // 4  # what the budget holds

@@ -38,9 +38,10 @@ class Embedded:
 class ChatModel(nn.Module):
     """A decoder with its output head, and the embedding of a request's inputs (text only by default).
 
-    A family names its decoder and head (`decoder`, `head`: properties, since module names follow the
-    hub's) and overrides `embed` when it reads images or videos, encoding them through `self.features`
-    so that a follow-up turn does not encode the same media again.
+    The decoder and head are the modules `model` and `lm_head`, the hub's usual names; a family whose
+    checkpoint names them otherwise overrides the `decoder` and `head` properties. A family that reads
+    images or videos overrides `embed`, encoding them through `self.features` so that a follow-up turn
+    does not encode the same media again.
     """
 
     language_modules: tuple[str, ...] = ()  # module name prefixes quantization applies to
@@ -51,11 +52,11 @@ class ChatModel(nn.Module):
 
     @property
     def decoder(self) -> Decoder:
-        raise NotImplementedError
+        return self.model
 
     @property
     def head(self) -> nn.Module:
-        raise NotImplementedError
+        return self.lm_head
 
     def embed(self, inputs: Mapping[str, Any]) -> Embedded:
         ids = request_ids(inputs)

@@ -109,11 +109,3 @@ class Glm4(ChatModel):
         rotary = InterleavedRotary(Rotary(rotary_dim(cfg), cfg.rope["rope_theta"]))
         self.model = GlmDecoder(cfg, rotary, attention_bias)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    @property
-    def decoder(self) -> GlmDecoder:
-        return self.model
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.lm_head

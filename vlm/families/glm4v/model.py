@@ -42,10 +42,6 @@ class Glm4v(ChatModel):
         return self.model["language_model"]
 
     @property
-    def head(self) -> nn.Linear:
-        return self.lm_head
-
-    @property
     def visual(self) -> VisionTransformer:
         return self.model["visual"]
 

@@ -30,14 +30,6 @@ class Qwen2VL(ChatModel):
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.image_token_id, self.video_token_id = image_token_id, video_token_id
 
-    @property
-    def decoder(self) -> Decoder:
-        return self.model
-
-    @property
-    def head(self) -> nn.Linear:
-        return self.lm_head
-
     def embed(self, inputs: dict[str, Any]) -> Embedded:
         """Token embeddings with each image's and video's features written over its placeholders."""
         embedded = super().embed(inputs)
