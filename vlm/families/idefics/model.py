@@ -263,14 +263,6 @@ class Idefics(ChatModel):
         self.model = IdeficsDecoder(cfg)
         self.lm_head = DecoupledLinear(cfg.text.hidden_size, cfg.text.vocab_size, cfg.additional_vocab_size)
 
-    @property
-    def decoder(self) -> IdeficsDecoder:
-        return self.model
-
-    @property
-    def head(self) -> DecoupledLinear:
-        return self.lm_head
-
     def embed(self, inputs: Mapping[str, Any]) -> Embedded:
         """Token embeddings, and with images their states for the cross-attention (`extras["images"]`).
 
