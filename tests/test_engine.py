@@ -18,6 +18,7 @@ from tests.threads import engines_stop
 from vlm.engine import Engine, Request
 from vlm.errors import ContextLengthError, KVBudgetError
 from vlm.generation import Sampling
+from vlm.layers.attention import CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -157,7 +158,7 @@ def test_requests_wait_for_kv_room_with_their_place_in_the_queue(pipe, alone, mo
     for tokens in outputs:
         assert_same_greedy(tokens, theirs, gaps, pipe.stop_ids)
     assert all(p[-1] == 0 and p == sorted(p, reverse=True) for p in places)  # moving up the queue, then running
-    assert 1 in places[2] and {2, 1} <= set(places[3])
+    assert max(places[2]) >= 1 and max(places[3]) >= 2  # the third waited; the fourth behind it
     assert max(len(rows) for rows in steps) == 2  # never more than the budget holds
     assert engine.active() == 0
 
@@ -165,8 +166,9 @@ def test_requests_wait_for_kv_room_with_their_place_in_the_queue(pipe, alone, mo
 def test_max_batch_bounds_the_requests_in_a_step(pipe, monkeypatch):
     engine = Engine(pipe.model, max_batch=2)
     steps = record_steps(engine, monkeypatch)
-    handles = [engine.submit(request(pipe, c, tokens=4)) for c in conversations(pipe)[:4]]
-    assert all(list(h) and h.finish_reason in ("stop", "length") for h in handles)
+    requests = [endless(pipe, c, 40) for c in conversations(pipe)[:4]]
+    handles = [engine.submit(r) for r in requests]
+    assert all(len(list(h)) == 40 and h.finish_reason == "length" for h in handles)
     assert max(len(rows) for rows in steps) == 2
 
 
@@ -201,14 +203,31 @@ def test_a_failing_prompt_fails_alone_and_the_others_go_on(pipe, alone, monkeypa
         return forward(embeds, positions, rows)
 
     monkeypatch.setattr(pipe.model, "forward", failing_once)
-    first = engine.submit(request(pipe, conversations(pipe)[0]))
+    first = engine.submit(endless(pipe, conversations(pipe)[0], LONG))  # still running when the second comes
     tokens = [next(first)]
     second = engine.submit(request(pipe, conversations(pipe)[1]))
     with pytest.raises(RuntimeError, match="boom"):
         list(second)
     tokens += list(first)
     assert_same_greedy(tokens, *alone[0], pipe.stop_ids)
-    assert second.finish_reason == "error" and first.finish_reason in ("stop", "length")
+    assert second.finish_reason == "error" and first.finish_reason == "length"
+
+
+def test_a_cache_that_cannot_be_allocated_fails_only_its_request(pipe, monkeypatch):
+    new = CacheSpec.new
+
+    def scarce(spec, capacity):
+        if capacity > 1000:
+            raise MemoryError("no room")
+        return new(spec, capacity)
+
+    monkeypatch.setattr(CacheSpec, "new", scarce)
+    engine = Engine(pipe.model)
+    big = engine.submit(request(pipe, conversations(pipe)[1], tokens=2000))
+    small = engine.submit(request(pipe, conversations(pipe)[1], tokens=4))
+    with pytest.raises(MemoryError):
+        list(big)
+    assert list(small) and small.finish_reason in ("stop", "length") and engine.active() == 0
 
 
 # ------------------------------------------------------------------------------------- vision turns
@@ -218,8 +237,8 @@ def qwen(tmp_path_factory):
 
 
 def test_vision_encoding_takes_turns_with_decoding_steps(qwen, monkeypatch):
-    """While one request decodes, another's image is encoded (each vision block's first norm slowed to
-    30 ms): the decoding steps run between the vision modules, never at the same time as one."""
+    """While one request decodes, another's image is encoded (every vision module that has no submodule
+    slowed by 30 ms): the decoding steps run between the vision modules, never at the same time as one."""
     engine = Engine(qwen.model)
     spans: list[tuple[str, float, float]] = []
 
@@ -233,8 +252,9 @@ def test_vision_encoding_takes_turns_with_decoding_steps(qwen, monkeypatch):
             return out
         return run
 
-    for block in qwen.model.visual.blocks:
-        monkeypatch.setattr(block.norm1, "forward", timed("vision", block.norm1.forward))
+    for module in qwen.model.visual.modules():
+        if not list(module.children()):
+            monkeypatch.setattr(module, "forward", timed("vision", module.forward))
     monkeypatch.setattr(qwen.model, "forward", timed("step", qwen.model.forward))
     decoding = engine.submit(request(qwen, text("Tell me a long story."), tokens=200))
     next(decoding)

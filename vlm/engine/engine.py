@@ -222,20 +222,26 @@ class Engine:
                 if reused:
                     self.prefixes.put(reused[0])
                 break
-            if reused:
-                (*_, cache), keep = reused
-                cache.truncate(keep)
-                cache.reserve(capacity)
-                sequence.done = keep
-            else:
-                cache = self.spec.new(capacity)
-            sequence.cache = cache
-            self._reserved += cache.nbytes
             self._waiting.popleft()
+            try:
+                sequence.cache, sequence.done = self._allocate(capacity, reused)
+            except (MemoryError, torch.OutOfMemoryError) as exc:  # the budget exceeds what the device has
+                self._finish(sequence, error=exc)
+                continue
+            self._reserved += sequence.cache.nbytes
             self._running.append(sequence)
         if self._waiting and not self._running:  # cannot happen (submit checks the budget); never hang
             self._finish(self._waiting[0], error=KVBudgetError("This request does not fit the KV budget."))
         self._tell_positions()
+
+    def _allocate(self, capacity: int, reused: tuple[Prefix, int] | None) -> tuple[KVCache, int]:
+        """A cache for `capacity` positions, and how many of them are already filled (from a reused prefix)."""
+        if reused is None:
+            return self.spec.new(capacity), 0
+        (*_, cache), keep = reused
+        cache.truncate(keep)
+        cache.reserve(capacity)
+        return cache, keep
 
     def _plan(self) -> _Step:
         decodes = [s for s in self._running if s.pending is not None]
