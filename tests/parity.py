@@ -87,3 +87,8 @@ def original_text_after_video(model) -> None:
     exec(compile(source.replace(_ROPE_DEVIATION, _ROPE_ORIGINAL), inspect.getsourcefile(type(base)), "exec"),
          vars(inspect.getmodule(type(base))), namespace)
     base.get_rope_index = types.MethodType(namespace["get_rope_index"], base)
+
+
+def greedy_tokens(pipe, conversation, steps: int) -> list[int]:
+    """Our greedy answer's token ids."""
+    return pipe.generate(conversation, max_new_tokens=steps, do_sample=False)[0].token_ids

@@ -77,7 +77,7 @@ def sent(messages: list[dict]) -> list[dict]:
 
 
 def api_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-generate", "vlm-api"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-engine", "vlm-api"))]
 
 
 def wait_until_idle(seconds: float) -> float:

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy
 from vlm.errors import InputError
 
 transformers = pytest.importorskip("transformers")
@@ -87,10 +87,6 @@ def _same_tokens(ours, model, ref_inputs, conversations, **media):
     return theirs
 
 
-def _greedy(pipe, conv):
-    return pipe.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
-
-
 def test_one_image(ours, reference, media_dir):
     _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
     _check(ours, reference, [_image_conv([f"{media_dir}/llava_v1_5_radar.jpg"], "Which model is best?")])
@@ -155,7 +151,7 @@ def test_nested_and_sharded_layouts_match_hub(checkpoint, ours, reference, media
     assert "rope_parameters" in config["text_config"] and os.path.exists(nested / "model.safetensors.index.json")
     assert not (nested / "preprocessor_config.json").exists()
     conv = [_image_conv([f"{media_dir}/waterview.jpg"])]
-    assert _greedy(vlm.load(nested, dtype="float32"), conv) == _greedy(ours, conv)
+    assert greedy_tokens(vlm.load(nested, dtype="float32"), conv, STEPS) == greedy_tokens(ours, conv, STEPS)
 
 
 def test_placeholder_feature_mismatch_is_an_error(checkpoint, media_dir, tmp_path):
@@ -175,7 +171,7 @@ def test_transformers_in_memory_names_load(checkpoint, ours, reference, media_di
     copy = shutil.copytree(checkpoint, tmp_path / "copy")
     save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(copy / "model.safetensors"))
     conv = [_image_conv([f"{media_dir}/extreme_ironing.jpg"])]
-    assert _greedy(vlm.load(copy, dtype="float32"), conv) == _greedy(ours, conv)
+    assert greedy_tokens(vlm.load(copy, dtype="float32"), conv, STEPS) == greedy_tokens(ours, conv, STEPS)
 
 
 def test_stream_matches_generate(ours, media_dir):

@@ -8,7 +8,10 @@ VLM_CACHE_DIR           where tiny checkpoints are written (default: $HF_HOME/vl
 VLM_DEVICE, VLM_DTYPE   as vlm.load (default "auto")
 VLM_MEMORY_BUDGET_GB    weights kept loaded at once (default: 90% of GPU memory, else 70% of RAM)
 VLM_QUEUE_SIZE          requests waiting in Gradio's queue (default 32)
-VLM_CONCURRENCY         requests served at once per family (default 1)
+VLM_CONCURRENCY         requests in a family's batch, answered at once (default: as many as its KV budget holds;
+                        segmentation: 1)
+VLM_KV_BUDGET_GB        KV cache memory of a family's requests, running and kept for follow-ups (default: a
+                        quarter of the memory budget); a request that does not fit waits, told its place
 VLM_SESSION_CAPACITY, VLM_SESSION_MEMORY
                         browser or API sessions kept, and the memory of their state (default 1000, "512mb");
                         beyond either, empty and then long-unused sessions are dropped (see vlm/ui/sessions.py)
@@ -69,7 +72,7 @@ class Settings:
     dtype: str
     memory_budget_bytes: int | None
     queue_size: int
-    concurrency: int
+    concurrency: int | None  # None: as many as the KV budget holds
     limits: Limits
     custom_checkpoints: bool
     media: MediaLimits = MediaLimits()
@@ -79,6 +82,7 @@ class Settings:
     api: ApiSettings = ApiSettings()
     remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
     remote_concurrency: int = 8
+    kv_budget_bytes: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -89,7 +93,10 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{name}={value!r} is not a number.") from None
 
-        budget_gb = number("VLM_MEMORY_BUDGET_GB", 0.0)
+        device = env.get("VLM_DEVICE", "auto")
+        budget_gb, kv_gb = number("VLM_MEMORY_BUDGET_GB", 0.0), number("VLM_KV_BUDGET_GB", 0.0)
+        memory_budget = int(budget_gb * 2**30) if budget_gb > 0 else default_budget(device)
+        kv_budget = int(kv_gb * 2**30) if kv_gb > 0 else (memory_budget // 4 if memory_budget else None)
         overflow = env.get("VLM_CONTEXT_OVERFLOW", "truncate").strip().lower()
         if overflow not in ("truncate", "error"):
             raise ValueError(f"VLM_CONTEXT_OVERFLOW={overflow!r}; use truncate or error.")
@@ -99,7 +106,6 @@ class Settings:
             return file_size(value, name) if value else default
 
         defaults = MediaLimits()
-        device = env.get("VLM_DEVICE", "auto")
         return cls(
             models={k[len("VLM_MODEL_"):].lower(): v for k, v in env.items() if k.startswith("VLM_MODEL_") and v},
             families=tuple(f.strip() for f in env["VLM_FAMILIES"].split(",") if f.strip())
@@ -108,9 +114,10 @@ class Settings:
             cache_dir=Path(env.get("VLM_CACHE_DIR") or default_cache_dir(env)),
             device=device,
             dtype=env.get("VLM_DTYPE", "auto"),
-            memory_budget_bytes=int(budget_gb * 2**30) if budget_gb > 0 else default_budget(device),
+            memory_budget_bytes=memory_budget,
+            kv_budget_bytes=kv_budget,
             queue_size=int(number("VLM_QUEUE_SIZE", 32)),
-            concurrency=int(number("VLM_CONCURRENCY", 1)),
+            concurrency=int(number("VLM_CONCURRENCY", 0)) or None,
             limits=Limits(
                 max_new_tokens=int(number("VLM_MAX_NEW_TOKENS", Limits.max_new_tokens)),
                 max_images=int(number("VLM_MAX_IMAGES", Limits.max_images)),
