@@ -111,9 +111,9 @@ def test_estimates_decode_nothing(pipes, media, monkeypatch):
         raise AssertionError("decoded")
 
     probes = []
-    real = vlm.media._run_decoder
+    real = vlm.media._DecoderChild
     monkeypatch.setattr(vlm.media, "_decode", refuse)  # image pixels
-    monkeypatch.setattr(vlm.media, "_run_decoder", lambda request, *a: probes.append(request["op"]) or
+    monkeypatch.setattr(vlm.media, "_DecoderChild", lambda request, *a: probes.append(request["op"]) or
                         (refuse() if request["op"] == "frames" else real(request, *a)))
     vlm.media._probe.cache_clear()
     assert estimate(pipes["qwen2_vl"], conversation) == expected

@@ -132,6 +132,7 @@ def send_frames(path: str, indices: list[int], out: BinaryIO, max_pixels: int | 
     try:
         container.seek(0)
         for i, frame in enumerate(container.decode(video=0)):
+            decoded = i + 1
             if i in wanted:
                 if max_pixels is not None and frame.width * frame.height > max_pixels:
                     raise Refused(f"{path} has a {frame.width}x{frame.height} frame, more than {max_pixels:,} pixels.")
