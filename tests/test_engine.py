@@ -22,7 +22,7 @@ from vlm.layers.attention import CacheSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
-FAMILIES = ["qwen2_vl", "llava_onevision", "glm4v", "glm4"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4", "idefics"]
 CHUNK = 7  # prompt rows per step while others decode: every prompt here takes several steps
 STEPS = 12
 
@@ -50,6 +50,7 @@ TEXT_ONLY = [text("Hi"), text("Tell me a long story about a cat that sits on a r
               *text("And how many dogs run across the grass?")]]
 WITH_MEDIA = [video(), image("shapes.png"), text("Hi"), image("cat.png", "street.png", question="Compare them."),
               text("Tell me a long story about a cat that sits on a red sofa next to a window.")]
+WITH_IMAGES = [image("street.png", question="Describe the street in detail."), *WITH_MEDIA[1:]]  # IDEFICS reads no video
 LONG = 300  # tokens of the requests that run to the end: still running when the last one arrives
 
 
@@ -60,7 +61,7 @@ def pipe(request, tmp_path_factory):
 
 
 def conversations(pipe) -> list[list[dict]]:
-    return TEXT_ONLY if pipe.family == "glm4" else WITH_MEDIA
+    return {"glm4": TEXT_ONLY, "idefics": WITH_IMAGES}.get(pipe.family, WITH_MEDIA)
 
 
 def request(pipe, conversation, tokens=STEPS, **fields) -> Request:
