@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy
+from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy, reference_pair
 from vlm.errors import CheckpointError, InputError
 from vlm.layers.attention import Rows
 
@@ -53,11 +53,7 @@ def ours(checkpoint):
 
 
 def _reference(path):
-    model = transformers.IdeficsForVisionText2Text.from_pretrained(path, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return reference_pair("IdeficsForVisionText2Text", path, left_padding=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy
+from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy, reference_pair
 from vlm.errors import InputError
 
 transformers = pytest.importorskip("transformers")
@@ -45,10 +45,7 @@ def ours(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
-    return model, processor
+    return reference_pair("LlavaOnevisionForConditionalGeneration", checkpoint)
 
 
 def _image_conv(paths, text="What is in the picture?"):
@@ -190,10 +187,7 @@ def default_strategy(tmp_path_factory):
 def test_default_strategy_matches_on_several_images(default_strategy, media_dir):
     """'default' works for multi-image prompts; for one image (AnyRes) the reference fails, and so do we, clearly."""
     path, ours = default_strategy
-    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
-    _check(ours, (model, processor), [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"])])
+    _check(ours, reference_pair("LlavaOnevisionForConditionalGeneration", path), [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"])])
     with pytest.raises(vlm.errors.UnsupportedModelError, match="default"):
         ours.generate(_image_conv([f"{media_dir}/waterview.jpg"]), max_new_tokens=2)
 
