@@ -39,6 +39,8 @@ VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the ch
 VLM_API_KEY             when set, the OpenAI-compatible /v1 routes need "Authorization: Bearer <key>"
 VLM_API_ALLOWED_HOSTS   comma-separated hosts whose http(s) image/video URLs the API fetches (default: none)
 VLM_API_MAX_REQUEST_SIZE  largest API request body (default "100mb")
+VLM_API_MAX_PENDING_SIZE  API request bodies being read and parsed at once, twice their size counted
+                        (default 2.5 x VLM_API_MAX_REQUEST_SIZE); a request past it is answered 429
 VLM_REMOTE_<FAMILY>     serve a family from an OpenAI-compatible server, e.g. http://gpu-box:8000/v1, with
                         VLM_REMOTE_<FAMILY>_API_KEY, VLM_REMOTE_<FAMILY>_MODEL and VLM_REMOTE_TIMEOUT (120 s)
 VLM_REMOTE_CONCURRENCY  requests a remote family streams at once (default 8; the server batches them)
@@ -153,11 +155,7 @@ class Settings:
                 max_video_frames=int(number("VLM_MAX_VIDEO_FRAMES", defaults.max_video_frames)),
                 decode_seconds=number("VLM_DECODE_SECONDS", defaults.decode_seconds),
             ),
-            api=ApiSettings(
-                key=env.get("VLM_API_KEY") or None,
-                allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
-                max_request_bytes=file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE"),
-            ),
+            api=api_settings(env),
             remote=servers_from_env(env, FAMILIES),
             remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
         )
@@ -166,6 +164,18 @@ class Settings:
         """What an API request is checked against: the chat tab's caps and upload limits."""
         return Bounds(self.limits.max_new_tokens, self.limits.max_images, self.limits.max_frames,
                       self.media.max_video_bytes, self.media.max_image_pixels, self.api.allowed_hosts)
+
+
+def api_settings(env: Mapping[str, str]) -> ApiSettings:
+    """The OpenAI-compatible API's VLM_API_* settings."""
+    request = file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE")
+    pending = env.get("VLM_API_MAX_PENDING_SIZE")
+    return ApiSettings(
+        key=env.get("VLM_API_KEY") or None,
+        allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
+        max_request_bytes=request,
+        max_pending_bytes=file_size(pending, "VLM_API_MAX_PENDING_SIZE") if pending else request * 5 // 2,
+    )
 
 
 def file_size(value: str, name: str = "VLM_MAX_FILE_SIZE") -> int:
