@@ -72,6 +72,19 @@ _ROPE_DEVIATION = "current_pos += max(grid_thw[1], grid_thw[2]) // spatial_merge
 _ROPE_ORIGINAL = "current_pos = int(vision_position_ids.max()) + 1"
 
 
+def reference_pair(model_class: str, checkpoint, left_padding: bool = False) -> tuple:
+    """The reference's model (`transformers.<model_class>`, fp32, eval) and processor for `checkpoint`, with the
+    PIL image processor (the torchvision one resizes differently) and, with `left_padding`, left-padded batches."""
+    import transformers
+
+    model = getattr(transformers, model_class).from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
+    if left_padding:
+        processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
 def original_text_after_video(model) -> None:
     """Correct the pinned reference's position function (Qwen2-VL, Qwen2.5-VL `get_rope_index`) on `model`
     to the original rule for the text after a vision run: one line of its source replaced, on this instance
@@ -87,3 +100,8 @@ def original_text_after_video(model) -> None:
     exec(compile(source.replace(_ROPE_DEVIATION, _ROPE_ORIGINAL), inspect.getsourcefile(type(base)), "exec"),
          vars(inspect.getmodule(type(base))), namespace)
     base.get_rope_index = types.MethodType(namespace["get_rope_index"], base)
+
+
+def greedy_tokens(pipe, conversation, steps: int) -> list[int]:
+    """Our greedy answer's token ids."""
+    return pipe.generate(conversation, max_new_tokens=steps, do_sample=False)[0].token_ids

@@ -7,16 +7,15 @@ from pathlib import Path
 import torch
 
 import vlm
+from vlm.model import run_prompt
 
 
 def teacher_forced_logits(pipe, ids: torch.Tensor) -> torch.Tensor:
     """Logits at every position of `ids` (one forward over the whole sequence), in float32."""
     model = pipe.model
     with torch.inference_mode():
-        cache = model.new_cache(1, ids.shape[1])
-        positions = torch.arange(ids.shape[1])[None, None].expand(3, 1, -1)
-        hidden = model.forward(model.embed_tokens(ids), positions, cache, torch.ones_like(ids, dtype=torch.bool))
-        return model.logits(hidden).float()[0]
+        positions = torch.arange(ids.shape[1])[None].expand(3, -1)
+        return model.logits(run_prompt(model, model.embed_tokens(ids[0]), positions)).float()
 
 
 def closeness_to_bf16(tiny_dir: Path, methods: list[str]) -> dict[str, tuple[float, float]]:

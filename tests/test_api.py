@@ -77,7 +77,7 @@ def sent(messages: list[dict]) -> list[dict]:
 
 
 def api_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-generate", "vlm-api"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-engine", "vlm-api"))]
 
 
 def wait_until_idle(seconds: float) -> float:
@@ -376,6 +376,42 @@ def test_concurrent_clients_all_get_their_own_answer_and_beyond_the_queue_a_429(
         stream.close()
     waiting.join(60)
     assert not errors and answers == {"q0": expected["q0"]}  # served once a slot was free
+
+
+def test_bodies_read_at_once_are_bounded_and_a_gone_client_frees_its_share(app):
+    """A client trickling a large body holds its share of VLM_API_MAX_PENDING_SIZE (2.5 x the 3 MB request
+    limit, 3 MiB, here): another large body meanwhile is answered 429; once the first client is gone, it is read."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(app["url"])
+    held = 2_900_000  # counted twice: 5.8 of the 7.9 MB; the next 1.5 MB (3 counted) does not fit beside it
+    slow = socket.create_connection((url.hostname, url.port))
+    slow.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {held + 100}\r\n\r\n".encode())
+    slow.sendall(b" " * held)
+    big = json.dumps({"model": "qwen2_vl", "messages": [{"role": "user", "content": "x" * 1_500_000}]})
+
+    def post() -> httpx.Response:
+        return httpx.post(app["url"] + "/v1/chat/completions", content=big, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+
+    deadline = time.monotonic() + 60
+    while (answer := post()).status_code != 429:  # until the server has read the first body's bytes
+        assert answer.status_code == 413 and time.monotonic() < deadline, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "VLM_API_MAX_PENDING_SIZE" in error["message"]
+    slow.close()
+    while (answer := post()).status_code == 429:
+        assert time.monotonic() < deadline, "the gone client's bytes were never released"
+    assert answer.status_code == 413 and "characters of text" in answer.text  # read whole, then refused for its text
+
+
+def test_the_pending_bodies_setting_defaults_to_2_5_requests_and_must_hold_one():
+    assert Settings.from_env({"VLM_API_MAX_REQUEST_SIZE": "4mb"}).api.max_pending_bytes == 10 * 2**20
+    assert Settings.from_env({"VLM_API_MAX_PENDING_SIZE": "1gb"}).api.max_pending_bytes == 2**30
+    with pytest.raises(ValueError, match="at least twice VLM_API_MAX_REQUEST_SIZE"):
+        Settings.from_env({"VLM_API_MAX_REQUEST_SIZE": "100mb", "VLM_API_MAX_PENDING_SIZE": "150mb"})
 
 
 # ----------------------------------------------------------------------------------------------- units

@@ -20,8 +20,10 @@ from typing import Iterator
 
 import pytest
 
+import vlm.errors
 import vlm.tiny
 from tests.app_client import Api, free_port
+from tests.endless import endless_qwen2_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "app"
@@ -36,16 +38,11 @@ ANSWERS_WITH_STATS = ("[...document.querySelectorAll('#chatbot [data-testid=bot]
 pytestmark = pytest.mark.timeout(600)
 
 
-def endless_qwen2_vl(directory: Path) -> Path:
-    """A tiny Qwen2-VL whose end-of-sequence id is out of its vocabulary: answers run to max_new_tokens
-    (2048 take ~10 s here, so a streaming answer is still running when a test looks at it)."""
-    vlm.tiny.write("qwen2_vl", directory, generation={"eos_token_id": [99999]},
-                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, mrope_section=[8, 12, 12]))
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["eos_token"] = None
-    config_path.write_text(json.dumps(config))
-    return directory
+def slow_endless_qwen2_vl(directory: Path) -> Path:
+    """A larger endless tiny Qwen2-VL: 2048 tokens take ~10 s here, so a streaming answer is still running
+    when a test looks at it."""
+    return endless_qwen2_vl(directory, text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                                 mrope_section=[8, 12, 12]))
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ def serve_app(tmp_path_factory, **settings: str) -> Iterator[Server]:
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLM_TINY": "1",
         "VLM_CACHE_DIR": str(cache), "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
-        "VLM_MODEL_QWEN2_VL": str(endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
+        "VLM_MODEL_QWEN2_VL": str(slow_endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
         "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
         "VLM_CONCURRENCY": "2",  # two users of one family at once (test_closing_a_tab_...)
         **settings,

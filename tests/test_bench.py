@@ -1,4 +1,5 @@
-"""`python -m vlm.bench` end to end on the tests' tiny config: both sides measured, a table and JSON written."""
+"""`python -m vlm.bench` end to end on the tests' tiny config: both sides measured, concurrent streams through
+the engine and one at a time, a table and JSON written."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ METRICS = {"load_s", "load_peak_rss", "ttft_image_s", "decode_tok_s", "ttft_turn
 def test_bench_measures_both_sides_and_writes_the_table(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "vlm.bench", "--models", "qwen2_vl_tiny", "--cache", str(tmp_path),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           "--out", str(tmp_path / "out"), "--streams", "1,2"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path,
                           stdin=subprocess.DEVNULL, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -26,3 +28,10 @@ def test_bench_measures_both_sides_and_writes_the_table(tmp_path):
     assert set(row["speedup"]) == {"load", "ttft_image", "decode", "ttft_turn2", "video16"}
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| qwen2_vl_tiny | decode tokens/s (batch 1) |" in table and "decode / roofline" in table
+    concurrency = row["concurrency"]
+    assert {f"{kind}/{n}/{path}" for kind in ("text", "image") for n in (1, 2) for path in ("engine", "one_at_a_time")} \
+        <= set(concurrency)
+    assert all(v["aggregate_tok_s"] > 0 and 0 < v["ttft_p50_s"] <= v["ttft_p95_s"] for k, v in concurrency.items()
+               if k != "prefill_interference")
+    assert concurrency["prefill_interference"]["stream_tok_s_during_image_prefill"] > 0
+    assert "| qwen2_vl_tiny | text | 2 |" in table and "keep" in table

@@ -9,7 +9,7 @@ import torch
 
 import vlm
 import vlm.tiny
-from vlm.caching import FeatureCache, PrefixPool
+from vlm.caching import FeatureCache, Prefix, PrefixPool
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,14 @@ def _turns(media_dir):
 
 
 def _count_prefill(pipe, monkeypatch):
-    """Record how many positions each prefill (the first forward of a generation) runs."""
+    """Record how many positions each prefill (the first forward of a generation, one request at a time) runs."""
     runs = []
     forward = pipe.model.forward
 
-    def counting(embeds, positions, cache, valid):
-        if embeds.shape[1] > 1:
-            runs.append(embeds.shape[1])
-        return forward(embeds, positions, cache, valid)
+    def counting(embeds, positions, rows):
+        if embeds.shape[0] > 1:
+            runs.append(embeds.shape[0])
+        return forward(embeds, positions, rows)
 
     monkeypatch.setattr(pipe.model, "forward", counting)
     return runs
@@ -71,21 +71,24 @@ def test_a_different_image_is_not_reused(tiny_dir, media_dir, monkeypatch):
 
 
 def test_prefix_pool_keeps_the_longest_match_and_is_bounded():
-    from vlm.layers.attention import KVCache
+    from vlm.layers.attention import CacheSpec
 
     pool = PrefixPool(max_entries=2)
-    make = lambda: KVCache(1, 1, 1, 2, 16, torch.float32, "cpu")
+    spec = CacheSpec(1, 1, 2, torch.float32, torch.device("cpu"))
     positions = lambda n: torch.arange(n)[None]
-    embeds = lambda ids: torch.tensor(ids, dtype=torch.float32)[:, None].expand(-1, 3)
+    entry = lambda ids, content=None: Prefix(torch.tensor(ids), positions(len(ids)),
+                                            torch.tensor(content or [0] * len(ids)), spec.new(16))
     for ids in ([1, 2, 3], [1, 2, 3, 4, 5], [9, 9]):
-        pool.put(torch.tensor(ids), positions(len(ids)), embeds(ids), make())
-    query = [1, 2, 3, 4, 7, 8]
-    taken = pool.take(torch.tensor(query), positions(6), embeds(query))
-    assert taken is not None and taken[1] == 4 and taken[0].capacity >= 16
-    assert pool.take(torch.tensor([1, 2, 3]), positions(3), embeds([1, 2, 3])) is None  # evicted, or taken
-    assert pool.take(torch.tensor([9, 9, 1]), positions(3) + 1, embeds([9, 9, 1])) is None  # other positions
-    pool.put(torch.tensor([5, 6]), positions(2), embeds([5, 6]), make())
-    assert pool.take(torch.tensor([5, 6, 7]), positions(3), embeds([0, 6, 7])) is None  # other embeddings
+        pool.put(entry(ids))
+    assert pool.nbytes == 2 * spec.nbytes(16)  # the oldest went
+    taken = pool.take(torch.tensor([1, 2, 3, 4, 7, 8]), positions(6), torch.zeros(6, dtype=torch.long))
+    assert taken is not None and taken[1] == 4 and taken[0].cache.capacity >= 16
+    assert pool.take(torch.tensor([1, 2, 3]), positions(3), torch.zeros(3, dtype=torch.long)) is None  # evicted, or taken
+    assert pool.take(torch.tensor([9, 9, 1]), positions(3) + 1, torch.zeros(3, dtype=torch.long)) is None  # other positions
+    pool.put(entry([5, 6, 6], [0, 7, 7]))
+    other_media = pool.take(torch.tensor([5, 6, 6, 1]), positions(4), torch.tensor([0, 8, 8, 0]))
+    assert other_media is not None and other_media[1] == 1  # the same tokens over other media: only the text before
+    assert pool.evict() and not pool.evict() and pool.nbytes == 0
 
 
 def test_feature_cache_hits_by_content_and_stays_bounded():
@@ -93,12 +96,13 @@ def test_feature_cache_hits_by_content_and_stays_bounded():
     encode = lambda x: calls.append(1) or x * 2
     cache = FeatureCache(max_bytes=3 * 4 * 100)
     a = torch.ones(100)
-    assert torch.equal(cache(encode, a), a * 2) and torch.equal(cache(encode, a.clone()), a * 2)
+    (first, key), (again, same_key) = cache.encode(encode, a), cache.encode(encode, a.clone())
+    assert torch.equal(first, a * 2) and torch.equal(again, a * 2) and key == same_key != 0
     assert len(calls) == 1
-    cache(encode, torch.zeros(100))
+    assert cache.encode(encode, torch.zeros(100))[1] != key  # other contents, another id
     for i in range(5):
-        cache(encode, torch.full((100,), float(i + 2)))
-    cache(encode, a)
+        cache.encode(encode, torch.full((100,), float(i + 2)))
+    cache.encode(encode, a)
     assert len(calls) == 8  # `a` was evicted by newer entries and encoded again
 
 

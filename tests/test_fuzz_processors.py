@@ -21,7 +21,7 @@ import vlm.tiny
 from vlm.errors import InputError, VLMError
 from vlm.session import MAX_SEGMENT_ASPECT, segmentable
 
-CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4", "idefics")
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -104,11 +104,12 @@ def check_encoding(pipe, conversation, **options) -> bool:
     ids = inputs["input_ids"]
     assert ids.dtype == torch.long and ids.shape == inputs["attention_mask"].shape
     with torch.inference_mode():
-        embeds = pipe.model.embed(inputs)  # raises InputError when placeholders != features
-    assert embeds.shape[:2] == ids.shape and torch.isfinite(embeds).all()
+        embedded = pipe.model.embed(inputs)  # raises InputError when placeholders != features
+    assert embedded.embeds.shape[0] == ids.shape[1] and torch.isfinite(embedded.embeds).all()
     has_media = any(k.startswith("pixel_values") for k in inputs)
     placeholders = sum(int((ids == token).sum()) for token in placeholder_ids(pipe))
     assert (placeholders > 0) == has_media
+    assert int((embedded.content != 0).sum()) == placeholders  # every media position has its content id
     return True
 
 

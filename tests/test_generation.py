@@ -1,15 +1,15 @@
-"""Streaming, cancellation, exceptions and sampling of the family-agnostic generation loop."""
+"""Streaming, cancellation, exceptions and sampling of generation through the engine."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
 import vlm
 import vlm.tiny
+from tests.threads import engine_threads, engines_stop
 from vlm.errors import GenerationError, InputError
 from vlm.generation import Sampler, Sampling
 
@@ -19,10 +19,6 @@ CONV = [{"role": "user", "content": "Tell me a long story about a cat."}]
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return vlm.load(vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("q")), dtype="float32")
-
-
-def _generation_threads():
-    return [t for t in threading.enumerate() if t.name == "vlm-generate"]
 
 
 def test_stream_concatenates_to_generate(pipe):
@@ -45,18 +41,18 @@ def test_cancel_mid_stream_ends_the_thread(pipe):
     cancel = threading.Event()
     stream = pipe.stream(CONV, cancel=cancel, max_new_tokens=3000, repetition_penalty=1.0)
     next(stream)
-    assert len(_generation_threads()) == 1
+    assert len(engine_threads()) == 1 and pipe.engine.active() == 1
     cancel.set()
     rest = list(stream)  # ends within a step
     assert len(rest) < 3000
-    assert _generation_threads() == []
+    assert pipe.engine.active() == 0 and engines_stop()
 
 
 def test_closing_the_stream_cancels(pipe):
     stream = pipe.stream(CONV, max_new_tokens=3000)
     next(stream)
     stream.close()
-    assert _generation_threads() == []
+    assert engines_stop() and pipe.engine.active() == 0
 
 
 def test_generate_cancelled_reason(pipe):
@@ -72,7 +68,7 @@ def test_exception_in_model_reaches_the_caller(pipe, monkeypatch):
     monkeypatch.setattr(pipe.model, "logits", broken)
     with pytest.raises(GenerationError, match="boom"):
         list(pipe.stream(CONV, max_new_tokens=5))
-    assert _generation_threads() == []
+    assert engines_stop()
 
 
 def test_seeded_sampling_is_reproducible(pipe):

@@ -128,7 +128,7 @@ def test_a_huge_image_adds_less_than_1_5_gb(where, tiny, family, media):
 def test_a_4k_64_frame_video_adds_less_than_1_5_gb_here_and_in_the_decoder(where, tiny, family):
     result = request_memory(family, tiny(family), "video", big_media.video_4k(where), num_frames=64)
     assert result["grew"] < LIMIT, result  # on main: +3.1 GB
-    assert result["children_peak"] < 0.5 * GB, result  # on main: 1.7 GB (every frame held until the reply)
+    assert result["children_peak"] < 0.75 * GB, result  # on main: 1.7 GB (every frame held until the reply)
     assert result["estimate"] >= result["grew"], result
 
 

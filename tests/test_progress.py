@@ -1,30 +1,31 @@
 """vlm.progress: what a request reports while it works (video frames decoded, images loaded, images and
-videos encoded, prompt tokens read), from the thread doing the work; the prompt read in chunks gives the
-reference's tokens."""
+videos encoded, prompt tokens read), from the thread doing the work (the engine's for the prompt); the
+prompt read in chunks gives the reference's tokens."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-import torch
 
 import vlm
-import vlm.generation
 import vlm.media
 import vlm.tiny
-from tests.parity import assert_same_greedy, image_conv, opened, reference_greedy
+from tests.parity import assert_same_greedy, image_conv, opened, reference_greedy, reference_pair
 from tests.test_robustness_media import make_video
 from vlm import progress
 
 IMAGE = "assets/shapes.png"
 LONG = " ".join(f"word{i}" for i in range(200))  # text of over two prefill chunks
+CHUNK = 256  # prompt rows per engine step (fixed here; measured by default)
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     directory = vlm.tiny.write("qwen2_vl", tmp_path_factory.mktemp("qwen2_vl"))
-    return directory, vlm.load(directory, dtype="float32")
+    pipe = vlm.load(directory, dtype="float32")
+    pipe.engine_options["chunk_tokens"] = CHUNK
+    return directory, pipe
 
 
 def heard(work) -> list[tuple[str, int, int | None, str]]:
@@ -48,10 +49,9 @@ def test_a_video_question_reports_each_stage_in_order_with_its_numbers(qwen, tmp
     assert [r[:3] for r in reports if r[0] == "encoding"] == [("encoding", 1, None), ("encoding", 1, None)]
     prompt = [r for r in reports if r[0] == "prompt"]
     length = int(pipe.encode(conversation)["input_ids"].shape[1])
-    chunk = vlm.generation.PREFILL_CHUNK
-    assert length > 2 * chunk
-    assert [r[1:3] for r in prompt] == [(n, length) for n in [0, *range(chunk, length, chunk), length]]
-    assert all(r[3] == "vlm-generate" for r in prompt)  # heard in the generation's own thread
+    assert length > 2 * CHUNK
+    assert [r[1:3] for r in prompt] == [(n, length) for n in [0, *range(CHUNK, length, CHUNK), length]]
+    assert all(r[3] == "vlm-engine" for r in prompt)  # heard in the engine's thread, by the request's listener
     outside = []
     with progress.reporting(lambda *report: outside.append(report)):
         progress.report("prompt", 1, 2)
@@ -76,15 +76,13 @@ def test_each_distinct_frame_is_reported_as_it_arrives_from_the_decoder_child(tm
 
 
 def test_a_prompt_read_in_chunks_gives_the_references_tokens(qwen):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     directory, pipe = qwen
     conversation = image_conv([IMAGE], LONG)
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(directory)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
+    model, processor = reference_pair("Qwen2VLForConditionalGeneration", directory)
     inputs = processor.apply_chat_template(opened(conversation), add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="pt")
-    assert inputs["input_ids"].shape[1] > 2 * vlm.generation.PREFILL_CHUNK
+    assert inputs["input_ids"].shape[1] > 2 * CHUNK
     theirs, gaps = reference_greedy(model, inputs, 12, repetition_penalty=1.0)
     ours = pipe.generate(conversation, max_new_tokens=12, do_sample=False, repetition_penalty=1.0)[0]
     assert_same_greedy(ours.token_ids, theirs[0], gaps[0], pipe.stop_ids)

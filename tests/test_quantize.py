@@ -119,6 +119,16 @@ def test_chunked_quantization_equals_the_whole_matrix(monkeypatch, dtype):
     assert torch.equal(linear.weight, original)
 
 
+@pytest.mark.parametrize("inputs", [24, 40])
+def test_int8_inputs_the_kernel_cannot_take_use_the_dequantized_matmul(inputs):
+    """The kernel crashes the process for an even number of rows of inputs that are not a multiple of 16."""
+    torch.manual_seed(0)
+    quant = Int8Linear(nn.Linear(inputs, 48, bias=False).to(torch.bfloat16))
+    for rows in (1, 2, 4, 17):
+        x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+        assert torch.equal(quant(x), torch.nn.functional.linear(x, quant.dequantized(torch.bfloat16)))
+
+
 @pytest.mark.parametrize("method, rows", [(Int8Linear, INT8_KERNEL_ROWS), (Int4Linear, INT4_KERNEL_ROWS)])
 def test_kernel_and_dequantized_paths_meet_at_the_threshold(method, rows):
     """Up to the threshold the kernel runs, above it the dequantized matmul (the two differ in the last bits,

@@ -30,6 +30,7 @@ import vlm.media
 import vlm.pipeline
 import vlm.tiny
 from tests.app_client import Api, free_port
+from tests.endless import endless_qwen2_vl
 from vlm.session import SessionManager
 from vlm.ui import Settings, build, launch
 from vlm.ui.checkpoints import label
@@ -44,16 +45,6 @@ HEADER_SECONDS = 2
 CONNECTIONS = 64
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def endless_qwen2_vl(directory: Path) -> Path:
-    """The built-in tiny Qwen2-VL with its end-of-sequence id out of the vocabulary: answers run to the cap."""
-    vlm.tiny.write("qwen2_vl", directory, generation={"eos_token_id": [99999]})
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["eos_token"] = None
-    config_path.write_text(json.dumps(config))
-    return directory
 
 
 def steady_allocator() -> None:
@@ -141,7 +132,7 @@ def test_stop_ends_the_generation_thread_within_a_second(tmp_path):
     for snap in generation.updates(0.01):
         if len(snap.answer) > 20:
             break
-    assert len(vlm_threads()) == 2 and threading.active_count() > baseline  # the session thread and the decoder
+    assert len(vlm_threads()) == 2 and threading.active_count() > baseline  # the session thread and the engine
     stopped = time.monotonic()
     generation.cancel()
     while vlm_threads() or threading.active_count() > baseline:

@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vlm
 import vlm.tiny
+from tests.threads import engines_stop
 from vlm.conversation import drop_oldest_turn, normalize
 from vlm.errors import ContextLengthError, InputError
 from vlm.session import Limits, SessionManager
 from vlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
-CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4", "idefics")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,9 +145,10 @@ def test_empty_message_in_the_ui_is_refused_before_anything_runs():
 
 
 # ------------------------------------------------------------------------------ streaming and UTF-8
-@pytest.fixture(scope="module")
-def tok(pipes) -> Tokenizer:
-    return pipes["qwen2_vl"].tokenizer
+@pytest.fixture(scope="module", params=["qwen2_vl", "idefics"])
+def tok(pipes, request) -> Tokenizer:
+    """A byte-level BPE (Qwen2) and a byte-fallback one (Llama: a run of byte tokens decodes as a whole)."""
+    return pipes[request.param].tokenizer
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -183,4 +185,4 @@ def test_stream_deltas_are_valid_text_while_generating(pipes):
     assert deltas[0].tokens == 1  # sent even when the first token is part of a character (then empty)
     for delta in deltas:
         delta.encode("utf-8")
-    assert not [t for t in threading.enumerate() if t.name == "vlm-generate"]
+    assert engines_stop()

@@ -1,5 +1,6 @@
-"""SessionManager: lazy loading once, LRU eviction under a memory budget, per-family slots, caps, and
-generations in background threads (streaming, cancel, timeout, errors, no thread left behind)."""
+"""SessionManager: lazy loading once, LRU eviction under a memory budget, caps, and generations followed in
+background threads (streaming, cancel, timeout, errors, no thread left behind) while each family's engine
+queues what its batch cannot hold."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import vlm
 import vlm.session
 import vlm.tiny
 from vlm.admission import fit_frame_rate
+from vlm import cancellation
+from tests.endless import endless_qwen2_vl
+from vlm.checkpoint import weights_bytes
 from vlm.errors import InputError
 from vlm.reasoning import Delta, Report
 from vlm.session import Limits, MemoryBudgetError, SessionManager
@@ -65,7 +70,7 @@ def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), lo
 
 
 def session_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-generate"))]
+    return [t for t in threading.enumerate() if t.name.startswith(("vlm-session", "vlm-engine"))]
 
 
 def finish(generation):
@@ -203,23 +208,6 @@ def test_time_cap_cancels_with_timeout():
     assert last.finish == "timeout" and last.answer
 
 
-def test_requests_of_one_family_wait_for_a_slot_and_can_cancel_while_waiting():
-    manager = fake_manager(make=lambda source: FakePipeline(["x "] * (500 if source == "q" else 3), delay=0.02),
-                           family_concurrency=1)
-    first = manager.generate("qwen2_vl", "q", TEXT)
-    time.sleep(0.1)
-    cancel = threading.Event()
-    second = manager.generate("qwen2_vl", "q", TEXT, cancel)
-    time.sleep(0.2)
-    assert second.snapshot().status.startswith("Waiting") and not second.snapshot().answer
-    other = finish(manager.generate("glm4v", "g", TEXT))  # another family is not blocked
-    assert other.finish == "stop" and not first.snapshot().done
-    cancel.set()
-    assert finish(second).finish == "cancelled" and not second.snapshot().answer
-    first.cancel()
-    assert finish(first).finish == "cancelled"
-
-
 @pytest.mark.parametrize("conversation, options, message", [
     (TEXT, {"max_new_tokens": 10_000}, "max_new_tokens"),
     ([{"role": "user", "content": [{"type": "image", "path": IMAGE}] * 3}], {}, "3 images"),
@@ -286,48 +274,48 @@ def test_a_ten_megabyte_message_is_refused_at_once_with_the_default_caps():
     assert manager.loads == [] and time.monotonic() - started < 5
 
 
-class SlowStart(FakePipeline):
-    """Streams forever; the first stream reads its inputs slowly (checking the cancel event, as the media and
-    prefill stages do); `encode` (what counting visual tokens re-runs) takes `encode_seconds`."""
-
-    def __init__(self, directory, start_seconds=0.0, encode_seconds=0.0):
-        super().__init__(["x "] * 100_000, delay=0.01)
-        self.directory, self.start_seconds, self.encode_seconds = directory, start_seconds, encode_seconds
-        self.streams = 0
-
-    def stream(self, conversation, cancel=None, **options):
-        self.streams += 1
-        deadline = time.monotonic() + (self.start_seconds if self.streams == 1 else 0)
-        while time.monotonic() < deadline and not cancel.is_set():
-            time.sleep(0.01)
-        yield from super().stream(conversation, cancel, **options)
-
-    def encode(self, conversation, **options):
-        time.sleep(self.encode_seconds)
-        return {"input_ids": torch.tensor([[1, 2, 3]])}
-
-
 IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "Hi"}]}]
 
 
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+    return str(endless_qwen2_vl(tmp_path_factory.mktemp("endless")))
+
+
 @pytest.mark.parametrize("stage", ["reading the inputs", "answering"])
-def test_stop_at_any_stage_frees_the_slot_within_a_second(tiny_qwen, stage):
-    """The slot is released as soon as the pipeline returns: nothing re-reads the media after a Stop."""
-    pipeline = SlowStart(tiny_qwen, start_seconds=30 if stage == "reading the inputs" else 0, encode_seconds=10)
-    manager = fake_manager(make=lambda source: pipeline, family_concurrency=1)
-    cancel = threading.Event()
-    first = manager.generate("qwen2_vl", "q", IMAGE_QUESTION, cancel)
+def test_stop_at_any_stage_frees_the_slot_within_a_second(endless, stage, monkeypatch):
+    """One request in the family's batch (VLM_CONCURRENCY=1): a Stop while the first request reads its
+    inputs (slowly, looking at its cancellation as the media stages do) or answers lets the next one answer
+    within a second; nothing re-reads the media for the stopped answer's stats."""
+    manager = SessionManager(dtype="float32", family_concurrency=1)
+    pipe = manager.get("qwen2_vl", endless)
+    build, reads = pipe.build_inputs, []
+
+    def slow_first_read(*args, **kwargs):
+        reads.append(1)
+        deadline = time.monotonic() + (30 if stage == "reading the inputs" and len(reads) == 1 else 0)
+        while time.monotonic() < deadline:
+            cancellation.check()
+            time.sleep(0.01)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "build_inputs", slow_first_read)
+    first = manager.generate("qwen2_vl", endless, IMAGE_QUESTION, max_new_tokens=2000, max_pixels=56 * 56 * 4)
     for snap in first.updates(0.01):
         if (snap.status.startswith("Reading") if stage == "reading the inputs" else snap.answer):
             break
     stopped = time.monotonic()
-    cancel.set()
-    second = manager.generate("qwen2_vl", "q", TEXT)  # waits for the family's only slot
+    first.cancel()
+    second = manager.generate("qwen2_vl", endless, TEXT, max_new_tokens=2000)  # the batch's only place
     while not second.snapshot().answer:
         assert time.monotonic() - stopped < 1.0, (first.snapshot(), second.snapshot())
         time.sleep(0.01)
     assert first.join(1) and first.snapshot().finish == "cancelled"
-    assert first.snapshot().stats is None or first.snapshot().stats.visual_tokens is None  # not counted
+    stats = first.snapshot().stats
+    if stage == "reading the inputs":
+        assert stats.visual_tokens is None  # nothing was read, nothing counted
+    else:
+        assert stats.visual_tokens == 12 and len(reads) == 2  # counted from its own inputs, read once
     second.cancel()
     assert finish(second).finish == "cancelled"
 
@@ -403,6 +391,7 @@ def test_a_generation_shows_each_step_before_its_first_token(tiny_qwen, monkeypa
     generation = manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=6, fps=2.0)
     assert generation.join(30)
     steps = [snap.step for snap in snaps if snap.step is not None]
+    steps = [step for i, step in enumerate(steps) if i == 0 or step != steps[i - 1]]  # a status change repeats one
     assert all(not snap.answer for snap in snaps if snap.step is not None)  # steps come before the answer
     streaming = [snap for snap in snaps if snap.answer and not snap.done]
     assert streaming and all(snap.stats.tokens >= 1 and snap.stats.seconds_to_first_token for snap in streaming)
@@ -413,3 +402,58 @@ def test_a_generation_shows_each_step_before_its_first_token(tiny_qwen, monkeypa
     prompt = [s for s in steps if s.stage == "prompt"]
     assert prompt[-1].done == prompt[-1].total == last.stats.prompt_tokens == last.stats.prefilled_tokens
     assert last.step is None and last.stats.tokens == 6
+def test_requests_wait_in_the_engine_queue_told_their_place_and_can_cancel_there(endless, tmp_path):
+    """One request in a family's batch (VLM_CONCURRENCY=1): the second waits, its status says how many are
+    ahead; it can be cancelled while waiting; another family is not held up."""
+    manager = SessionManager(dtype="float32", family_concurrency=1)
+    first = manager.generate("qwen2_vl", endless, TEXT, max_new_tokens=2000)
+    for snap in first.updates(0.01):
+        if snap.answer:
+            break
+    cancel = threading.Event()
+    second = manager.generate("qwen2_vl", endless, TEXT, cancel, max_new_tokens=4)
+    deadline = time.monotonic() + 120  # a bound on a hang, not a speed: the machine may be loaded
+    while "1 request(s) ahead" not in second.snapshot().status:
+        assert time.monotonic() < deadline, second.snapshot().status
+        time.sleep(0.01)
+    other = finish(manager.generate("glm4", str(vlm.tiny.write("glm4", tmp_path / "g")), TEXT, max_new_tokens=3))
+    assert other.finish in ("stop", "length") and not first.snapshot().done and not second.snapshot().answer
+    cancel.set()
+    assert finish(second).finish == "cancelled" and not second.snapshot().answer
+    first.cancel()
+    assert finish(first).finish == "cancelled"
+
+
+def test_the_visual_tokens_come_from_the_requests_own_inputs(tiny_qwen, monkeypatch):
+    """The conversation is encoded once per answer (its video's frames are not decoded again for the stats)."""
+    manager = SessionManager(dtype="float32")
+    pipe = manager.get("qwen2_vl", tiny_qwen)
+    encoded = []
+    build = pipe.build_inputs
+    monkeypatch.setattr(pipe, "build_inputs", lambda *a, **k: encoded.append(1) or build(*a, **k))
+    conversation = [{"role": "user", "content": [{"type": "video", "path": VIDEO}, {"type": "text", "text": "Hi"}]}]
+    last = finish(manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=2, num_frames=4))
+    assert last.error is None and last.stats.visual_tokens > 0 and len(encoded) == 1
+
+
+def test_the_memory_estimate_reads_pytorch_bin_checkpoints(tiny_qwen, tmp_path):
+    """Older hub repos ship pytorch_model.bin only: the demo's loader sizes them as vlm.load reads them."""
+    copy = tmp_path / "bin"
+    copy.mkdir()
+    for file in Path(tiny_qwen).iterdir():
+        if file.suffix != ".safetensors":
+            (copy / file.name).write_bytes(file.read_bytes())
+    torch.save(load_file(Path(tiny_qwen) / "model.safetensors"), copy / "pytorch_model.bin")
+    manager = SessionManager(dtype="float32")
+    manager.get("qwen2_vl", str(copy))
+    assert manager.loaded()["qwen2_vl"].nbytes == weights_bytes(Path(tiny_qwen), torch.float32) > 0
+    assert weights_bytes(Path(tiny_qwen), torch.bfloat16) * 2 == weights_bytes(Path(tiny_qwen), torch.float32)
+
+
+def test_concurrency_and_kv_budget_settings():
+    from vlm.ui import Settings
+
+    settings = Settings.from_env({"VLM_CONCURRENCY": "3", "VLM_KV_BUDGET_GB": "2", "VLM_MEMORY_BUDGET_GB": "10"})
+    assert settings.concurrency == 3 and settings.kv_budget_bytes == 2 * 2**30
+    defaults = Settings.from_env({"VLM_MEMORY_BUDGET_GB": "10"})
+    assert defaults.concurrency is None and defaults.kv_budget_bytes == 10 * 2**30 // 4  # what the budget holds

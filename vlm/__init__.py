@@ -1,4 +1,4 @@
-"""vlm: vision-language models in plain PyTorch (Qwen2-VL, LLaVA-OneVision, GLM-4.1V, GLM-4, GroupViT)."""
+"""vlm: vision-language models in plain PyTorch (Qwen2-VL, LLaVA-OneVision, GLM-4.1V, GLM-4, IDEFICS, GroupViT)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
 (`python -m vlm serve`, vlm/serve.py). Requests go through `SessionManager.generate` like the chat tab's,
 so both share its models, slots and caps. A request is checked whole (vlm.api_request) before anything
 runs; its media live in a temporary directory of its own until its generation has ended. At most
-`max_requests` requests are in flight (429 beyond). Errors are OpenAI-shaped:
+`max_requests` requests are in flight, and the bodies being read and parsed at once hold at most
+`max_pending_bytes` (429 beyond either). Errors are OpenAI-shaped:
 `{"error": {"message", "type", "param", "code"}}` with 400, 401, 404, 413, 429, 500, 502 or 503.
 A client that disconnects cancels its generation (within a decode step).
 """
@@ -26,6 +27,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 
 from .api_request import ApiError, Bounds, ChatRequest, MediaFiles, ServedModel, parse
@@ -47,6 +49,35 @@ class ApiSettings:
     key: str | None = None  # VLM_API_KEY: when set, /v1 requests need "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] = ()  # VLM_API_ALLOWED_HOSTS: hosts whose image/video URLs are fetched
     max_request_bytes: int = 100 * 2**20  # VLM_API_MAX_REQUEST_SIZE: largest request body
+    max_pending_bytes: int = 250 * 2**20  # VLM_API_MAX_PENDING_SIZE: request bodies read and parsed at once
+
+    def __post_init__(self) -> None:
+        if self.max_pending_bytes < 2 * self.max_request_bytes:  # a largest request could never be read
+            raise ValueError(f"VLM_API_MAX_PENDING_SIZE ({self.max_pending_bytes:,} bytes) must be at least twice "
+                             f"VLM_API_MAX_REQUEST_SIZE ({self.max_request_bytes:,} bytes).")
+
+
+class _Pending:
+    """The bytes one request's body holds while it is read and parsed, counted against the API's
+    `max_pending_bytes`: past it the request is refused (429) rather than the server's memory taken."""
+
+    def __init__(self, api: "OpenAIApi"):
+        self.api, self.bytes = api, 0
+
+    def add(self, size: int) -> None:
+        limit = self.api.settings.max_pending_bytes
+        with self.api._lock:
+            if self.api._pending_bytes + size > limit:
+                raise ApiError(429, f"This server is reading other large requests ({limit:,} bytes at once, "
+                                    "VLM_API_MAX_PENDING_SIZE); try again shortly.", kind="rate_limit_error",
+                               code="rate_limit_exceeded")
+            self.api._pending_bytes += size
+            self.bytes += size
+
+    def release(self) -> None:
+        with self.api._lock:
+            self.api._pending_bytes -= self.bytes
+            self.bytes = 0
 
 
 class ClientGone(Exception):
@@ -62,6 +93,7 @@ class OpenAIApi:
         self.created = int(time.time())
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._pending_bytes = 0  # of the bodies being read or parsed
 
     def routes(self) -> list[BaseRoute]:
         router = APIRouter()
@@ -93,15 +125,19 @@ class OpenAIApi:
             self._in_flight += 1
         job: _Job | None = None
         response: Response | None = None
+        pending = _Pending(self)
         try:
-            body = await self._body(request)
+            body = await self._body(request, pending)
             parsed, files = await asyncio.to_thread(self._prepare, body)
+            del body
+            pending.release()
             job = _Job(self, parsed, files)
             response = await self._respond(job, parsed, request)
             return response
         except ClientGone:
             return Response(status_code=499)
         finally:
+            pending.release()
             if job is None:
                 self._release()
             elif not isinstance(response, StreamingResponse):  # a stream closes its job when it ends
@@ -131,7 +167,7 @@ class OpenAIApi:
             raise ApiError(401, "A valid API key is needed: send the header Authorization: Bearer <key>.",
                            code="invalid_api_key")
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request, pending: "_Pending") -> bytes:
         limit = self.settings.max_request_bytes
         too_large = ApiError(413, f"The request is larger than {limit:,} bytes, this server's limit "
                                   "(VLM_API_MAX_REQUEST_SIZE).", code="request_too_large")
@@ -139,11 +175,15 @@ class OpenAIApi:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                pending.add(2 * len(chunk))  # the chunks, then their join
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone() from None
         return b"".join(chunks)
 
     def _prepare(self, raw: bytes) -> tuple[ChatRequest, MediaFiles]:

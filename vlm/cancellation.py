@@ -2,22 +2,29 @@
 
 A pipeline runs a request's work inside `scope(cancel)`; long loops (waiting for the video decoder,
 frames, vision-tower blocks, decoder layers) call `check()`, which raises `vlm.errors.Cancelled` once
-the event is set. The scope belongs to the thread that opens it.
+the event is set. The scope belongs to the thread that opens it. The engine's scheduler opens one per
+step whose "event" is set once every request of the step is cancelled.
 """
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from .errors import Cancelled
 
 _local = threading.local()
 
 
+class Flag(Protocol):
+    """What a scope watches: a threading.Event, or anything else that says whether it is set."""
+
+    def is_set(self) -> bool: ...
+
+
 @contextmanager
-def scope(event: threading.Event | None) -> Iterator[None]:
+def scope(event: Flag | None) -> Iterator[None]:
     """Make `event` this thread's cancel event while the block runs (None: nothing can cancel it)."""
     outer = getattr(_local, "event", None)
     _local.event = event

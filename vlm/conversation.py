@@ -122,6 +122,12 @@ def template_view(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """String content as one text part, for templates that render only typed parts."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in messages]
+
+
 def left_pad(rows: list[list[int]], pad_id: int):
     """Left-pad token rows into (ids, attention_mask) LongTensors."""
     import torch

@@ -74,6 +74,10 @@ class MemoryAdmissionError(VLMError):
     """A request would need more memory than the server has left; it is refused before it runs."""
 
 
+class KVBudgetError(ContextLengthError):
+    """A prompt and its answer need more KV cache memory than the engine may use."""
+
+
 class GenerationError(VLMError):
     """Generation failed inside the model (wraps the original exception)."""
 

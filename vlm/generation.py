@@ -1,25 +1,19 @@
-"""Family-agnostic generation: sampling settings, the decode loop over a KV cache, streaming in a thread.
-
-A model used here exposes `embed(inputs)`, `embed_tokens(ids)`, `new_cache(batch, capacity)`,
-`forward(embeds, positions, cache, valid)` and `logits(hidden)`; its processor builds `inputs` with
-`input_ids`, `attention_mask`, `positions` (P, B, L) and `next_position` (B,).
+"""One request's side of generation: sampling settings, logits processors, picking each next token, and
+when it stops. The engine (`vlm.engine`) runs the model for every request at once and asks each
+request's `Decoding` for its token.
 """
 
 from __future__ import annotations
 
-import contextvars
-import queue
-import threading
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from . import cancellation, progress
-from .caching import PrefixPool
-from .errors import Cancelled, GenerationError, InputError, OutOfMemoryError, VLMError
+from .errors import InputError
 
-PREFILL_CHUNK = 512  # prompt tokens run per forward: the prompt's progress is reported after each
+# Maps (logits (1, V), history (1, prompt + generated)) to new logits before sampling, e.g. a thinking budget.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class Sampling:
 class GenerationOutput:
     text: str  # the answer (for thinking models, without the reasoning)
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "timeout"
     reasoning: str = ""  # thinking models: the text between the think tags
 
 
@@ -103,120 +97,34 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
 
-@torch.inference_mode()
-def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids: set[int], pad_id: int,
-                    cancel: threading.Event | None = None,
-                    logits_processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
-                    prefixes: PrefixPool | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, step by step, until all rows stop, the budget or `cancel`.
+class Decoding:
+    """Picks one request's tokens: logits processors, then its sampler, over the prompt and what it generated.
 
-    Rows that already stopped receive `pad_id`. `lm_head` runs on the last position only.
-    `logits_processors` map (logits, history) to new logits before sampling (e.g. a thinking budget).
-    With `prefixes`, a single conversation reuses the KV cache of an earlier one that shares its
-    beginning (only the new tokens are run) and leaves its own cache there afterwards.
+    `pick(logits)` returns the next token and records it; `finish` becomes "stop" after a stop id and
+    "length" after `sampling.max_new_tokens` tokens.
     """
-    ids = inputs["input_ids"]
-    batch = ids.shape[0]
-    axes = inputs["positions"].shape[0]
-    pool = prefixes if batch == 1 else None
-    try:
-        with cancellation.scope(cancel):  # the vision encoders and the decoder look at it between layers
-            cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool)
-    except Cancelled:
-        return
-    sampler = Sampler(sampling, ids.device)
-    stop = torch.tensor(sorted(stop_ids), device=ids.device, dtype=torch.long)
-    position = inputs["next_position"].clone()
-    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    history, decoded_positions = ids, []
-    one = torch.ones(batch, 1, dtype=torch.bool, device=ids.device)
-    try:
-        for step in range(sampling.max_new_tokens):
-            if cancel is not None and cancel.is_set():
-                return
-            for process in logits_processors:
-                logits = process(logits, history)
-            tokens = sampler(logits, history).masked_fill(finished, pad_id)
-            yield tokens
-            finished |= torch.isin(tokens, stop)
-            if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
-                return
-            if cancel is not None and cancel.is_set():
-                return
-            positions = position.view(1, batch, 1).expand(axes, batch, 1)
-            hidden = model.forward(model.embed_tokens(tokens[:, None]), positions, cache, one)
-            history = torch.cat([history, tokens[:, None]], dim=1)
-            decoded_positions.append(positions[:, 0])
-            logits = model.logits(hidden[:, -1])
-            position += 1
-    finally:
-        if pool is not None:
-            decoded = model.embed_tokens(history[:, ids.shape[1]:])
-            pool.put(history[0], torch.cat([inputs["positions"][:, 0], *decoded_positions], dim=1),
-                     torch.cat([embeds, decoded], dim=1)[0], cache)
 
+    def __init__(self, prompt: torch.Tensor, sampling: Sampling, stop_ids: frozenset[int],
+                 processors: Sequence[LogitsProcessor] = ()):
+        self.sampling, self.stop_ids, self.processors = sampling, stop_ids, list(processors)
+        self.sampler = Sampler(sampling, prompt.device)
+        self.history = torch.empty(1, prompt.shape[0] + sampling.max_new_tokens, dtype=torch.long, device=prompt.device)
+        self.history[0, :prompt.shape[0]] = prompt
+        self.length = prompt.shape[0]
+        self.generated = 0
+        self.finish: str | None = None
 
-def _prefill(model, inputs: dict[str, Any], capacity: int, pool: PrefixPool | None):
-    """Run the prompt (only what a pooled cache does not already hold), PREFILL_CHUNK tokens at a time,
-    reporting progress ("prompt", tokens in the cache, prompt tokens); return the cache, the last logits
-    and the prompt's input embeddings."""
-    ids, positions = inputs["input_ids"], inputs["positions"]
-    embeds = model.embed(inputs)  # vision features come from the model's FeatureCache when known
-    reused = pool.take(ids[0], positions[:, 0], embeds[0]) if pool is not None else None
-    if reused is None:
-        cache, start = model.new_cache(ids.shape[0], capacity), 0
-    else:
-        cache, start = reused
-        cache.truncate(start)
-        cache.reserve(capacity)
-    valid, length = inputs["attention_mask"].bool(), ids.shape[1]
-    progress.report("prompt", start, length)
-    while True:
-        end = min(length, start + PREFILL_CHUNK)
-        hidden = model.forward(embeds[:, start:end], positions[..., start:end], cache, valid[:, start:end])
-        progress.report("prompt", end, length)
-        if end == length:
-            return cache, model.logits(hidden[:, -1]), embeds
-        start = end
-
-
-def run_in_thread(produce: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:
-    """Run the iterator `produce(cancel)` in a background thread and yield its items here.
-
-    An exception in the thread is raised to the caller (vlm errors as they are, others wrapped in
-    GenerationError). Leaving the loop early sets `cancel`; the thread is always joined.
-    """
-    items: queue.Queue = queue.Queue()
-    done = object()
-
-    def work():
-        try:
-            for item in produce(cancel):
-                items.put((True, item))
-        except BaseException as exc:  # handed over to the consumer
-            items.put((False, exc))
-        finally:
-            items.put((True, done))
-
-    context = contextvars.copy_context()  # what the caller set (progress listener, partial videos) holds there too
-    thread = threading.Thread(target=context.run, args=(work,), name="vlm-generate", daemon=True)
-    thread.start()
-    finished = False
-    try:
-        while True:
-            ok, item = items.get()
-            if item is done:
-                finished = True
-                return
-            if not ok:
-                if isinstance(item, VLMError):
-                    raise item
-                if isinstance(item, (MemoryError, torch.OutOfMemoryError)):
-                    raise OutOfMemoryError("Out of memory while answering: use fewer or smaller images, fewer "
-                                           "video frames, fewer new tokens or a shorter conversation.") from item
-                raise GenerationError(f"Generation failed: {type(item).__name__}: {item}") from item
-            yield item
-    finally:
-        if not finished:
-            cancel.set()
-        thread.join()
+    def pick(self, logits: torch.Tensor) -> int:
+        """logits (1, V) -> the next token."""
+        history = self.history[:, :self.length]
+        for process in self.processors:
+            logits = process(logits, history)
+        token = int(self.sampler(logits, history))
+        self.history[0, self.length] = token
+        self.length += 1
+        self.generated += 1
+        if token in self.stop_ids:
+            self.finish = "stop"
+        elif self.generated == self.sampling.max_new_tokens:
+            self.finish = "length"
+        return token

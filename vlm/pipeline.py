@@ -1,4 +1,5 @@
-"""ChatPipeline: one loaded chat model with its tokenizer and processor; generate, stream, chat."""
+"""ChatPipeline: one loaded chat model with its tokenizer and processor; generate, stream, chat, all
+answered by the model's engine."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from . import cancellation
+from . import cancellation, progress
 from .boxes import Box, FrameRule, parse_boxes, relative_frame
-from .caching import PrefixPool
 from .checkpoint import read_config
 from .conversation import is_batch, normalize
-from .errors import Cancelled, ContextLengthError, InputError
-from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
+from .engine import Engine, Handle, Request
+from .errors import (Cancelled, CheckpointError, ContextLengthError, GenerationError, InputError, OutOfMemoryError,
+                     VLMError)
+from .generation import GenerationOutput, LogitsProcessor, Sampling
 from .media import retrying_damaged_videos
+from .model import ChatModel
 from .reasoning import (ANSWER, Delta, ReasoningParser, Report, ThinkingBudget, ThinkingFormat, opens_thinking,
                         split_reasoning)
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,14 +35,17 @@ class ChatPipeline:
     Thinking families pass `thinking` (their reasoning tags): outputs then carry the reasoning
     apart from the answer, stream deltas are `reasoning.Delta`s with a `kind`, earlier turns'
     reasoning is dropped from the prompt, and `thinking_budget` / `enable_thinking` are accepted.
-    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws); `box_frame` gives
-    what the family's box numbers are measured in for an image of a given size (see `vlm.boxes`).
+    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws); `stop_tokens` end
+    an answer besides the checkpoint's end-of-sequence ids, and `banned_tokens` are never generated;
+    `box_frame` gives what the family's box numbers are measured in for an image of a given size (see
+    `vlm.boxes`).
     """
 
-    def __init__(self, family: str, model: torch.nn.Module, tokenizer: Tokenizer,
+    def __init__(self, family: str, model: ChatModel, tokenizer: Tokenizer,
                  build_inputs: Callable[..., dict[str, Any]], generation_config: dict[str, Any],
                  device: torch.device, directory: Path, max_context: int,
                  thinking: ThinkingFormat | None = None, markup: Sequence[str] = (),
+                 stop_tokens: Sequence[str] = (), banned_tokens: Sequence[str] = (),
                  box_frame: FrameRule = relative_frame):
         self.family = family
         self.box_frame = box_frame
@@ -53,9 +59,19 @@ class ChatPipeline:
         self.directory = directory
         self.max_context = max_context
         self.defaults = Sampling.from_generation_config(generation_config)
-        self.prefixes = PrefixPool()  # KV caches of recent conversations, reused by their follow-ups
-        self.stop_ids = stop_ids(generation_config, tokenizer)
-        self.pad_id = pad_id(generation_config, tokenizer)
+        self.stop_ids = stop_ids(generation_config, tokenizer) | _token_ids(tokenizer, stop_tokens)
+        self.banned = BanTokens(sorted(_token_ids(tokenizer, banned_tokens))) if banned_tokens else None
+        self.engine_options: dict[str, Any] = {}  # Engine settings, read when the first request starts it
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine that answers every request to this model (started on first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, **self.engine_options)
+            return self._engine
 
     @property
     def thinks(self) -> bool:
@@ -83,83 +99,79 @@ class ChatPipeline:
             media_options["template_vars"] = {"enable_thinking": bool(enable_thinking)}
         return retrying_damaged_videos(lambda: self.build_inputs(conversations, **media_options))
 
-    def generate(self, conversations: Any, cancel: threading.Event | None = None,
+    def generate(self, conversations: Any, cancel: threading.Event | None = None, deadline: float | None = None,
                  **options: Any) -> list[GenerationOutput]:
-        """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
+        """Answer one conversation or a list of them (all at once, in the engine); one GenerationOutput each.
+
+        `deadline` (time.monotonic()) ends the answers still running then with finish_reason "timeout".
+        """
         sampling, media, reasoning = self._split(options)
+        batch = conversations if is_batch(conversations) else [conversations]
         try:
             with cancellation.scope(cancel):
-                inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+                prepared = [self._request(c, sampling, media, reasoning, cancel, deadline) for c in batch]
         except Cancelled:  # while reading the media
-            return [GenerationOutput("", [], "cancelled") for _ in (conversations if is_batch(conversations)
-                                                                    else [conversations])]
-        batch = inputs["input_ids"].shape[0]
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
-        opened = self._opened(inputs)
-        for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, cancel,
-                                    self._processors(reasoning, opened), self.prefixes):
-            for row, token in enumerate(step.tolist()):
-                if not done[row]:
-                    tokens[row].append(token)
-                    done[row] = token in self.stop_ids
-        cancelled = cancel is not None and cancel.is_set()
-        return [self._output(ids, finished, cancelled, thinking)
-                for ids, finished, thinking in zip(tokens, done, opened)]
+            return [GenerationOutput("", [], "cancelled") for _ in batch]
+        handles: list[Handle] = []
+        try:
+            for request, _ in prepared:
+                handles.append(self.engine.submit(request))
+            tokens = [list(_tokens(handle)) for handle in handles]
+        finally:
+            for handle in handles:
+                handle.cancel()  # only matters when another one failed
+        return [self._output(ids, handle.finish_reason, opened)
+                for ids, handle, (_, opened) in zip(tokens, handles, prepared)]
 
-    def stream(self, conversation: Any, cancel: threading.Event | None = None, **options: Any) -> Iterator[Delta]:
-        """Yield text deltas as they are generated (in a background thread).
+    def stream(self, conversation: Any, cancel: threading.Event | None = None, deadline: float | None = None,
+               on_queue: Callable[[int], None] | None = None, **options: Any) -> Iterator[Delta]:
+        """Yield text deltas as the engine generates them.
 
         Each delta is a `str` with a `kind`: "answer", or "thinking" for a thinking model's reasoning, and
         `tokens`, the tokens generated so far. The first token always sends a delta, empty when its text is
         not complete yet (part of a character, or a tag), so its arrival can be timed. The last delta is
         empty and reports the request (`Delta.report`): why it finished ("stop" at an end-of-sequence
-        token, "length" at the token budget, None when cancelled), the prompt's tokens and its image and
-        video tokens. Setting `cancel` (or closing the iterator) stops the generation within one step.
+        token, "length" at the token budget, None when cancelled or out of time), the prompt's tokens and
+        its image and video tokens; a request cancelled while its media are read yields nothing. Setting
+        `cancel` (or closing the iterator) stops the generation within one step; `on_queue(place)` hears
+        the request's place in the engine's queue while it waits (0 once it runs).
         """
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        cancel = cancel or threading.Event()
         try:
             with cancellation.scope(cancel):
-                inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
+                request, opened = self._request(conversation, sampling, media, reasoning, cancel, deadline, on_queue)
         except Cancelled:  # while reading the media: nothing to say
             return
-        opened = self._opened(inputs)
+        handle = self.engine.submit(request)
+        detok = IncrementalDetokenizer(self.decoder)
+        parser = ReasoningParser(self.thinking, opened) if self.thinking else None
+        split = parser.feed if parser else (lambda text: [Delta(text, ANSWER)] if text else [])
+        count = 0
 
-        def produce(stop_event: threading.Event) -> Iterator[Delta]:
-            detok = IncrementalDetokenizer(self.decoder)
-            parser = ReasoningParser(self.thinking, opened[0]) if self.thinking else None
-            split = parser.feed if parser else (lambda text: [Delta(text, ANSWER)] if text else [])
-            count = 0
+        def counted(deltas: list[Delta]) -> list[Delta]:
+            for delta in deltas:
+                delta.tokens = count
+            return deltas
 
-            def counted(deltas: list[Delta]) -> list[Delta]:
-                for delta in deltas:
-                    delta.tokens = count
-                return deltas
-
-            finish = "length"
-            for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event,
-                                        self._processors(reasoning, opened), self.prefixes):
-                token = int(step[0])
+        try:
+            for token in _tokens(handle):
                 if token in self.stop_ids:
-                    finish = "stop"
                     break
                 count += 1
                 deltas = split(detok.add(token))
                 if count == 1 and not deltas:  # announce the first token: empty, in the section it opened
                     deltas = [Delta("", parser.kind if parser else ANSWER)]
                 yield from counted(deltas)
-            yield from counted(split(detok.flush()))
-            if parser:
-                yield from counted(parser.flush())
-            ids = inputs["input_ids"][0]
-            report = Report(None if stop_event.is_set() else finish, ids.numel(),
-                            sum(int((ids == i).sum()) for i in self.visual_ids))
-            yield from counted([Delta("", parser.kind if parser else ANSWER, report=report)])
-
-        yield from run_in_thread(produce, cancel)
+        finally:
+            handle.cancel()  # a closed stream leaves the batch within a step
+        yield from counted(split(detok.flush()))
+        if parser:
+            yield from counted(parser.flush())
+        finish = handle.finish_reason if handle.finish_reason in ("stop", "length") else None
+        report = Report(finish, request.inputs["input_ids"].shape[1], handle.visual_tokens)
+        yield from counted([Delta("", parser.kind if parser else ANSWER, report=report)])
 
     def boxes(self, text: str, image_size: tuple[int, int], **media_options: Any) -> list[Box]:
         """The boxes and points of an answer about an image of `image_size` (width, height), as fractions of
@@ -175,10 +187,9 @@ class ChatPipeline:
 
     def clear_caches(self) -> None:
         """Forget reusable KV caches and vision features (memory pressure, or to time a cold request)."""
-        self.prefixes.clear()
-        features = getattr(self.model, "features", None)
-        if features is not None:
-            features.clear()
+        self.model.features.clear()
+        if self._engine is not None:
+            self._engine.clear()
 
     def chat(self, conversation: Any, **options: Any) -> str:
         """The whole answer to one conversation as a string."""
@@ -198,38 +209,43 @@ class ChatPipeline:
         options = {k: v for k, v in options.items() if k not in REASONING_OPTIONS}
         return self.defaults.override(**options), {k: v for k, v in media.items() if v is not None}, reasoning
 
-    def _prepare(self, conversations: Any, sampling: Sampling, media: dict[str, Any],
-                 reasoning: dict[str, Any]) -> tuple[dict[str, Any], Sampling]:
-        """Encoded inputs on the device, and `sampling` with the token budget cut to what the context holds."""
-        inputs = self.encode(conversations, enable_thinking=reasoning.get("enable_thinking"), **media)
+    def _request(self, conversation: Any, sampling: Sampling, media: dict[str, Any], reasoning: dict[str, Any],
+                 cancel: threading.Event | None, deadline: float | None,
+                 on_queue: Callable[[int], None] | None = None) -> tuple[Request, bool]:
+        """The engine request for one conversation (encoded, on the device, its token budget cut to what the
+        context holds), and whether its prompt opens the reasoning."""
+        inputs = self.encode(conversation, enable_thinking=reasoning.get("enable_thinking"), **media)
         length = inputs["input_ids"].shape[1]
         if length + 1 > self.max_context:
             raise ContextLengthError(
                 f"The prompt has {length} tokens; this model's context holds {self.max_context}. "
                 "Shorten the conversation, use fewer or smaller images, or fewer video frames.")
         sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_context - length))
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, sampling
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        opened = self._opened(inputs["input_ids"][0])
+        request = Request(inputs, sampling, frozenset(self.stop_ids), self._processors(reasoning, opened), cancel,
+                          deadline, on_queue, progress.forwarder("prompt"))
+        return request, opened
 
-    def _output(self, ids: list[int], stopped: bool, cancelled: bool, thinking: bool) -> GenerationOutput:
-        text = self.decoder.decode(ids[:-1] if stopped else ids)
-        reason = "stop" if stopped else ("cancelled" if cancelled else "length")
+    def _output(self, ids: list[int], reason: str, thinking: bool) -> GenerationOutput:
+        text = self.decoder.decode(ids[:-1] if reason == "stop" else ids)
         if self.thinking is None:
             return GenerationOutput(text, ids, reason)
         split = split_reasoning(text, self.thinking, thinking)
         return GenerationOutput(split.answer, ids, reason, split.reasoning)
 
-    def _opened(self, inputs: dict[str, Any]) -> list[bool]:
-        """Per row: does the prompt end inside an open think tag (a template that starts the reasoning)?"""
-        if self.thinking is None:
-            return [False] * inputs["input_ids"].shape[0]
-        return [opens_thinking(self.decoder.decode(row[-16:].tolist()), self.thinking) for row in inputs["input_ids"]]
+    def _opened(self, ids: torch.Tensor) -> bool:
+        """Does the prompt end inside an open think tag (a template that starts the reasoning)?"""
+        return self.thinking is not None and opens_thinking(self.decoder.decode(ids[-16:].tolist()), self.thinking)
 
-    def _processors(self, reasoning: dict[str, Any], opened: list[bool]) -> list[ThinkingBudget]:
+    def _processors(self, reasoning: dict[str, Any], opened: bool) -> list[LogitsProcessor]:
+        processors: list[LogitsProcessor] = [self.banned] if self.banned else []
         budget = reasoning.get("thinking_budget")
         if budget is None:
-            return []
+            return processors
         forced = self.tokenizer.encode(self.thinking.force_answer)
-        return [ThinkingBudget(budget, self.thinking, forced, lambda: IncrementalDetokenizer(self.decoder), opened)]
+        return processors + [ThinkingBudget(budget, self.thinking, forced, lambda: IncrementalDetokenizer(self.decoder),
+                                            [opened])]
 
     def _without_reasoning(self, message: dict[str, Any]) -> dict[str, Any]:
         """An earlier assistant turn as the official GLM demo sends it back: answer only, tags removed."""
@@ -248,18 +264,53 @@ class ChatPipeline:
         return {**message, "content": [{**p, "text": clean(p["text"])} if p["type"] == "text" else p for p in content]}
 
 
+def _tokens(handle: Handle) -> Iterator[int]:
+    """The handle's tokens; a failure in the model becomes a vlm error (vlm errors stay as they are)."""
+    try:
+        yield from handle
+    except VLMError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise OutOfMemoryError("Out of memory while answering: use fewer or smaller images, fewer video frames, "
+                               "fewer new tokens or a shorter conversation.") from exc
+    except Exception as exc:
+        raise GenerationError(f"Generation failed: {type(exc).__name__}: {exc}") from exc
+
+
 class _MarkupDecoder:
     """Decodes like the tokenizer (special tokens skipped) except for the `keep` tokens, which stay in the text."""
 
     def __init__(self, tokenizer: Tokenizer, keep: Sequence[str]):
         kept = {tokenizer.token_id(t) for t in keep} - {None}
         self.tokenizer, self.dropped = tokenizer, tokenizer.special_ids - kept
+        self.byte_ids, self.skipped_ids = tokenizer.byte_ids, self.dropped
         self.keep_any = bool(kept & tokenizer.special_ids)
 
     def decode(self, ids: list[int]) -> str:
         if not self.keep_any:
             return self.tokenizer.decode(ids)
         return self.tokenizer.decode([i for i in ids if i not in self.dropped], skip_special_tokens=False)
+
+
+class BanTokens:
+    """Logits processor: the given ids are never sampled (transformers' single-token `bad_words_ids`)."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[:, self.ids] = float("-inf")
+        return logits
+
+
+def _token_ids(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[int]:
+    """Ids of named special tokens; each must exist."""
+    ids = {token: tokenizer.token_id(token) for token in tokens}
+    missing = [token for token, i in ids.items() if i is None]
+    if missing:
+        raise CheckpointError(f"The tokenizer lacks the tokens {', '.join(missing)}.")
+    return set(ids.values())
 
 
 def stop_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> set[int]:

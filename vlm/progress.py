@@ -6,12 +6,13 @@ and videos encoded, counted by the receiver, who knows how many the request hold
 prompt (`"prompt"`: tokens in the KV cache of the prompt's). A caller listens with
 `with reporting(callback):`; the callback gets `(stage, done, total)` from the thread doing the work
 (`total` None: `done` more items are finished). Without a listener a report costs a context lookup.
-The listener is a context variable: `vlm.generation.run_in_thread` carries it into its thread.
+The listener is a context variable; the engine reports a prompt's progress through `forwarder`.
 `Steps` is such a listener for one request, as the session shows it (`Step`: stage, n, N).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ def report(stage: str, done: int, total: int | None = None) -> None:
     reporter = _reporter.get()
     if reporter is not None:
         reporter(stage, done, total)
+
+
+def forwarder(stage: str) -> Callable[[int, "int | None"], None] | None:
+    """`report(stage, ...)` bound to the calling context's listener, to be called from another thread (the
+    engine's); None without a listener."""
+    reporter = _reporter.get()
+    return None if reporter is None else functools.partial(reporter, stage)
 
 
 def each(stage: str, items: Sequence[T] | Iterable[T]) -> Iterator[T]:

@@ -26,6 +26,9 @@ from .errors import InputError
 # 2 AVX512 cores: the crossover is at ~20-32 rows for int8, ~64-96 for int4).
 INT8_KERNEL_ROWS = 24
 INT4_KERNEL_ROWS = 64
+# The int8 kernel crashes (segfault, torch 2.14 CPU) for 2, 4, 8... rows when the inputs are not a multiple of
+# 16 (IDEFICS' cross-attention reads a vision width that may not be); such layers take the dequantized matmul.
+INT8_KERNEL_INPUTS = 16
 INT4_GROUP = 32
 CHUNK = 1 << 20  # weights quantized at a time: their float32 temporaries (4 MiB) stay in cache
 
@@ -63,7 +66,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if _kernel_applies(flat, self.scales.dtype, INT8_KERNEL_ROWS):
+        if _kernel_applies(flat, self.scales.dtype, INT8_KERNEL_ROWS) and self.in_features % INT8_KERNEL_INPUTS == 0:
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales)
             out = out if self.bias is None else out + self.bias
         else:

@@ -26,7 +26,7 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
     from .families import detect_family
     from .hub import resolve
     from .session import SessionManager
-    from .ui import is_segmentation
+    from .families import is_segmentation
     from .ui.settings import Settings
 
     settings = Settings.from_env()
@@ -43,7 +43,8 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, devi
         if name != family:
             served.append(ServedModel(family, family, source))
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency,
-                             device or settings.device, dtype or settings.dtype, resolve=directories.__getitem__)
+                             device or settings.device, dtype or settings.dtype, resolve=directories.__getitem__,
+                             kv_budget_bytes=settings.kv_budget_bytes)
     for family, source in {m.family: m.source for m in served}.items():
         print(f"loading {source} ({family})…", flush=True)
         manager.get(family, source)

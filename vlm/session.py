@@ -1,8 +1,10 @@
 """SessionManager: models loaded lazily (at most one per family) under a memory budget, or clients of
-remote servers (vlm.remote), and answers generated in background threads.
+remote servers (vlm.remote), and answers followed in background threads while each family's engine (or
+remote server) generates them.
 
-UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
-cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
+UI-agnostic. The manager holds only what users share (the loaded models, each answering every request
+through its engine); each user's history and cancel event belong to the caller (the Gradio session),
+which starts a `Generation` per answer.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any, Callable, Iterator, Mapping
 from . import cancellation, progress
 from .conversation import Media, drop_oldest_turn, media_items, normalize
 from .errors import Cancelled, ContextLengthError, InputError, OutOfMemoryError, VLMError
+from .families import is_segmentation
 from .media import partial_videos
 from .reasoning import Report
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
-POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
+POLL_SECONDS = 0.1  # how often a request waiting for a remote family's slot looks at its cancel event
 # Segmentation slides model-sized windows over the image resized to a short side of ~224 pixels: the
 # window count (time) and the logits (memory) grow with the aspect ratio, so very long strips are refused.
 MAX_SEGMENT_ASPECT = 32
@@ -60,23 +63,27 @@ class SessionManager:
 
     `resolve(source) -> directory` finds or downloads a checkpoint, `identify(directory) -> family` reads
     its family (None: cannot tell), `estimate(directory) -> bytes` sizes it and `load(directory) -> pipeline`
-    builds it; the defaults use vlm.hub, config.json and vlm.load. A family in `remote` is served by another
-    server: `remote[family]()` connects a client (e.g. a vlm.remote RemotePipeline) that streams like a
-    pipeline, holds no weights, counts against no budget and runs `remote_concurrency` requests at once (the
-    server batches them) instead of `family_concurrency`.
+    builds it; the defaults use vlm.hub, config.json and vlm.load. A chat model's engine runs up to
+    `family_concurrency` requests at once (None: as many as `kv_budget_bytes` of KV cache hold, per family);
+    the others wait in its queue. A segmentation model runs `family_concurrency` (or one) at a time. A
+    family in `remote` is served by another server: `remote[family]()` connects a client (e.g. a vlm.remote
+    RemotePipeline) that streams like a pipeline, holds no weights, counts against no budget and runs
+    `remote_concurrency` requests at once (the server batches them); it has no engine.
     """
 
-    def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
-                 device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
-                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
-                 identify: Callable[[Path], str | None] | None = None,
-                 remote: Mapping[str, Callable[[], Any]] | None = None, remote_concurrency: int = 8):
+    def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(),
+                 family_concurrency: int | None = None, device: str = "auto", dtype: str = "auto",
+                 resolve: Callable[[str], Path] | None = None, estimate: Callable[[Path], int] | None = None,
+                 load: Callable[[Path], Any] | None = None, identify: Callable[[Path], str | None] | None = None,
+                 remote: Mapping[str, Callable[[], Any]] | None = None, remote_concurrency: int = 8,
+                 kv_budget_bytes: int | None = None):
         self.budget = budget_bytes
         self.limits = limits
+        engine = {"kv_budget_bytes": kv_budget_bytes, "max_batch": family_concurrency}
         self._resolve = resolve or _hub_resolve
         self._identify = identify or checkpoint_family
         self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
-        self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
+        self._load = load or (lambda directory: _vlm_load(directory, device, dtype, engine))
         self._models: dict[str, LoadedModel] = {}
         self._remote = dict(remote or {})
         self._clients: dict[str, Any] = {}  # connected remote clients by family
@@ -92,7 +99,7 @@ class SessionManager:
 
         A checkpoint of another family is refused (InputError) before anything is unloaded."""
         report = progress or (lambda fraction, message: None)
-        if family in self._remote:
+        if self.is_remote(family):
             return self._connect(family, report)
         cached = self._lookup(family, source)
         if cached is not None:
@@ -174,7 +181,11 @@ class SessionManager:
     # ------------------------------------------------------------------------------------- requests
     @contextmanager
     def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
-        """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
+        """Wait for one of `family`'s slots (a remote or segmentation family: a local chat family's requests
+        wait in its engine's queue instead, and go on at once); yields False if `cancel` was set while waiting."""
+        if self.slots(family) is None:
+            yield True
+            return
         with self._state:
             semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.slots(family)))
         while not semaphore.acquire(timeout=POLL_SECONDS):
@@ -186,9 +197,19 @@ class SessionManager:
         finally:
             semaphore.release()
 
-    def slots(self, family: str) -> int:
-        """How many of `family`'s requests run at once."""
-        return self.remote_concurrency if family in self._remote else self.concurrency
+    def is_remote(self, family: str) -> bool:
+        """Is `family` served by another server (no engine here)?"""
+        return family in self._remote
+
+    def slots(self, family: str) -> int | None:
+        """How many of `family`'s requests run at once outside an engine (None: a local chat family, whose
+        engine batches up to `family_concurrency` requests, or as many as its KV budget holds, and queues
+        the others)."""
+        if self.is_remote(family):
+            return self.remote_concurrency
+        if is_segmentation(family):
+            return self.concurrency or 1
+        return None
 
     def check_text(self, conversation: Any) -> None:
         """Raise InputError when a message or the whole conversation has more text than the caps allow
@@ -287,11 +308,12 @@ class Snapshot:
 class Generation:
     """One answer produced in a background thread; `updates()` hands its progress to the caller.
 
-    Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. Setting the
-    cancel event (or `cancel()`) stops the model within one step, and the family's slot is released as
-    soon as the pipeline returns (a request cancelled while it waits for the slot or for its model never
-    starts); a request running longer than the time cap is cancelled with finish "timeout". Exceptions end
-    up in `Snapshot.error`.
+    Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. While the request
+    waits for room in its engine, the status says its place in the queue. Setting the cancel event (or
+    `cancel()`) stops the model within one step, and the request's place in the engine's batch (or a remote
+    family's slot) is free as soon as the pipeline returns (a request cancelled while it waits for a slot,
+    for its model or in the engine's queue never starts); a request running longer than the time cap is
+    cancelled with finish "timeout". Exceptions end up in `Snapshot.error`.
     """
 
     def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
@@ -381,7 +403,7 @@ class Generation:
                         stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
                                       report.visual_tokens, dropped, notes + tuple(video.message for video in partial),
                                       report.prompt_tokens, steps.prefilled)
-            # the family's slot is free from here on
+            # the family's slot (a remote one) or the request's place in the engine is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
@@ -404,12 +426,14 @@ class Generation:
     def _open_stream(self, pipeline: Any) -> tuple[Any, Iterator[Any], int]:
         """Start the pipeline's stream: (conversation used, deltas, exchanges dropped).
 
-        With `context_overflow="truncate"`, a prompt longer than the context loses its oldest exchanges
-        (system prompt and last question kept) until it fits; otherwise ContextLengthError stands.
+        With `context_overflow="truncate"`, a prompt longer than the context (or than the KV budget holds)
+        loses its oldest exchanges (system prompt and last question kept) until it fits; otherwise
+        ContextLengthError stands.
         """
         conversation, dropped = self._conversation, 0
+        queue = {} if self._manager.is_remote(self.family) else {"on_queue": self._queued}  # no engine there
         while True:
-            deltas = pipeline.stream(conversation, cancel=self._cancel, **self._options)
+            deltas = pipeline.stream(conversation, cancel=self._cancel, **queue, **self._options)
             try:
                 first = next(deltas)
             except StopIteration:
@@ -424,6 +448,11 @@ class Generation:
                                     f"{dropped} exchange(s)…")
                 continue
             return conversation, itertools.chain([first], deltas), dropped
+
+    def _queued(self, place: int) -> None:
+        """The engine's news of this request's place in its queue (0: it runs)."""
+        self._update(status=f"Waiting for room: {place} request(s) ahead in the queue…" if place else
+                     "Reading the prompt…")
 
     def _time_up(self) -> None:
         self._timed_out.set()
@@ -499,10 +528,14 @@ def _hub_resolve(source: str) -> Path:
     return resolve(source)
 
 
-def _vlm_load(directory: Path, device: str, dtype: str) -> Any:
+def _vlm_load(directory: Path, device: str, dtype: str, engine: dict[str, Any]) -> Any:
     from . import load
+    from .pipeline import ChatPipeline
 
-    return load(directory, device=device, dtype=dtype)
+    pipeline = load(directory, device=device, dtype=dtype)
+    if isinstance(pipeline, ChatPipeline):
+        pipeline.engine_options.update(engine)
+    return pipeline
 
 
 def _free_memory() -> None:

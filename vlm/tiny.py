@@ -54,6 +54,32 @@ def train_bpe(special_tokens: list[str], vocab_size: int = 400, pattern: str = Q
     return tok
 
 
+def train_llama_bpe(special_tokens: list[str], vocab_size: int = 400):
+    """A Llama-style tokenizer as transformers 5's LlamaTokenizer builds one: BPE with byte fallback over
+    text whose spaces are '▁' (Metaspace, a prefix only at the start), no normaliser.
+
+    Ids 0-2 are <unk>, <s>, </s>, then the 256 byte tokens <0x00>..<0xFF>, then the learned pieces;
+    `special_tokens` are appended after them, as on the hub.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    base = ["<unk>", "<s>", "</s>"]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    learner.train_from_iterator(CORPUS.splitlines() * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=base, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    pieces = [t for t, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]) if t not in base]
+    vocab = {t: i for i, t in enumerate([*base, *(f"<0x{b:02X}>" for b in range(256)), *pieces])}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*base, *special_tokens]])
+    return tok
+
+
 def added_tokens_decoder(tok) -> dict[str, Any]:
     """The `added_tokens_decoder` block of tokenizer_config.json."""
     return {
@@ -81,9 +107,11 @@ def randomize(model: nn.Module, seed: int, qk_scale: float = 2.5, embed_std: flo
                 p.copy_(scale * torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
 
-def save_weights(model: nn.Module, out_dir: Path, skip: tuple[str, ...] = (), shard_bytes: int | None = None) -> None:
-    """Save the state dict under hub names; shard into an index + files when `shard_bytes` is set."""
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}
+def save_weights(model: nn.Module, out_dir: Path, skip: tuple[str, ...] = (), shard_bytes: int | None = None,
+                 hub_names: Callable[[str], str] = lambda name: name) -> None:
+    """Save the state dict under hub names (`hub_names` maps module names that differ); shard into an
+    index + files when `shard_bytes` is set."""
+    tensors = {hub_names(k): v.contiguous() for k, v in model.state_dict().items() if k not in skip}
     if not shard_bytes:
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         return

@@ -30,12 +30,15 @@ class Tokenizer:
     def __init__(self, directory: Path):
         directory = Path(directory)
         self.config = _tokenizer_config(directory)
-        self._tok = _load_backend(directory)
+        self._tok = _load_backend(directory, self.config)
         # A twin that treats special-token text as plain text, for what users type.
-        self._plain = HFTokenizer.from_str(self._tok.to_str())
+        serialized = self._tok.to_str()
+        self._plain = HFTokenizer.from_str(serialized)
         self._plain.encode_special_tokens = True
+        self.byte_ids = _byte_fallback_ids(json.loads(serialized)["model"])
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
+        self.skipped_ids = self.special_ids  # what `decode` leaves out
         self.special_strings = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
         self.added_strings = {t.content for t in added.values()}  # tokens added to the vocabulary, special or not
         self.template = ChatTemplate.find(directory, self.config, self.special_token_strings())
@@ -91,6 +94,17 @@ class Tokenizer:
         return ids + self.encode(rendered[pos:])
 
 
+def _byte_fallback_ids(model: dict[str, Any]) -> frozenset[int]:
+    """Ids of the <0xNN> tokens of a byte-fallback BPE (Llama), which decode only as a whole run."""
+    if not model.get("byte_fallback"):
+        return frozenset()
+    vocab = model.get("vocab") or {}
+    return frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.fullmatch(token))
+
+
+_BYTE_TOKEN = re.compile("<0x[0-9A-F]{2}>")
+
+
 def _tokenizer_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
     return read_json(path) if path.is_file() else {}
@@ -102,13 +116,17 @@ MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (real ones: 2-35 MB)
 PROBE_TEXT = "a" * 256 + "!" + " " * 256 + "a" + "1" * 256 + "x" + "\n" * 64 + "é" * 128 + "?" + "ab " * 64 + "."
 
 
-def _load_backend(directory: Path) -> HFTokenizer:
-    """tokenizer.json, read (bounded in size) and tried on PROBE_TEXT."""
+def _load_backend(directory: Path, config: dict[str, Any]) -> HFTokenizer:
+    """tokenizer.json, read (bounded in size; a Llama one as transformers builds it) and tried on PROBE_TEXT."""
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no tokenizer.json.")
     text = read_text(path, MAX_TOKENIZER_BYTES)
     try:
+        if config.get("tokenizer_class") in LLAMA_CLASSES:
+            data = json.loads(text)
+            if data.get("model", {}).get("type") == "BPE":
+                text = json.dumps(_as_llama_builds_it(data, config))
         with _rust_panics(f"reading {path}"):
             backend = HFTokenizer.from_str(text)
     except CheckpointError:
@@ -131,6 +149,25 @@ def _rust_panics(what: str) -> Iterator[None]:
             raise
         raise CheckpointError(f"The tokenizer failed while {what} ({str(exc)[:200]}); its tokenizer.json is broken "
                               "or hostile.") from None
+
+
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _as_llama_builds_it(data: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A Llama tokenizer.json with the pipeline transformers 5's LlamaTokenizer gives it, whatever the file
+    says: its vocabulary and merges, byte fallback, no normaliser, a Metaspace pre-tokenizer that adds the
+    prefix space at the start only (everywhere with `legacy`; never without `add_prefix_space`). Older hub
+    files (a normaliser that prefixes every piece of text, e.g. after each special token) read otherwise."""
+    prefix = config.get("add_prefix_space")
+    prefix = True if prefix is None else bool(prefix)
+    scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    model = {**data["model"], "unk_token": None, "fuse_unk": True, "byte_fallback": True, "dropout": None,
+             "ignore_merges": False, "continuing_subword_prefix": None, "end_of_word_suffix": None}
+    return {**data, "model": model, "normalizer": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": False}}
 
 
 def _user_texts(messages: list[dict]):
@@ -263,7 +300,9 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never end inside a UTF-8 character.
 
     Decodes a small window (from `prefix` to the end) and emits only what is new since `read`, and only
-    once the window no longer ends in U+FFFD (an incomplete byte sequence).
+    once the window no longer ends in U+FFFD (an incomplete byte sequence). A byte-fallback tokenizer
+    decodes a run of <0xNN> tokens as a whole (all of it U+FFFD when it is not valid UTF-8), so nothing is
+    emitted while a run may still grow.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -274,12 +313,21 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self._in_byte_run():
+            return ""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         window = self.tokenizer.decode(self.ids[self.prefix:])
         if window.endswith("\ufffd") or len(window) <= len(before):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return window[len(before):]
+
+    def _in_byte_run(self) -> bool:
+        """Whether the last token the decoding keeps (skipped special tokens do not part a run) is a byte."""
+        for token in reversed(self.ids[self.read:]):
+            if token not in self.tokenizer.skipped_ids:
+                return token in self.tokenizer.byte_ids
+        return False
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""

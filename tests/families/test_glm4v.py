@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import assert_same_greedy, reference_greedy, reference_pair
 from tests.scripted import script
 from vlm.boxes import parse_boxes
 from vlm.errors import InputError
@@ -46,11 +46,7 @@ def ours(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = transformers.Glm4vForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    return reference_pair("Glm4vForConditionalGeneration", checkpoint, left_padding=True)
 
 
 def _image_conv(paths, text="What is in the picture?"):

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import assert_same_greedy, greedy_tokens, reference_greedy, reference_pair
 from vlm.errors import InputError
 
 transformers = pytest.importorskip("transformers")
@@ -45,10 +45,7 @@ def ours(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
-    return model, processor
+    return reference_pair("LlavaOnevisionForConditionalGeneration", checkpoint)
 
 
 def _image_conv(paths, text="What is in the picture?"):
@@ -85,10 +82,6 @@ def _same_tokens(ours, model, ref_inputs, conversations, **media):
     for row, out in enumerate(outs):
         assert_same_greedy(out.token_ids, theirs[row], gaps[row], ours.stop_ids)
     return theirs
-
-
-def _greedy(pipe, conv):
-    return pipe.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
 
 
 def test_one_image(ours, reference, media_dir):
@@ -155,7 +148,7 @@ def test_nested_and_sharded_layouts_match_hub(checkpoint, ours, reference, media
     assert "rope_parameters" in config["text_config"] and os.path.exists(nested / "model.safetensors.index.json")
     assert not (nested / "preprocessor_config.json").exists()
     conv = [_image_conv([f"{media_dir}/waterview.jpg"])]
-    assert _greedy(vlm.load(nested, dtype="float32"), conv) == _greedy(ours, conv)
+    assert greedy_tokens(vlm.load(nested, dtype="float32"), conv, STEPS) == greedy_tokens(ours, conv, STEPS)
 
 
 def test_placeholder_feature_mismatch_is_an_error(checkpoint, media_dir, tmp_path):
@@ -175,7 +168,7 @@ def test_transformers_in_memory_names_load(checkpoint, ours, reference, media_di
     copy = shutil.copytree(checkpoint, tmp_path / "copy")
     save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(copy / "model.safetensors"))
     conv = [_image_conv([f"{media_dir}/extreme_ironing.jpg"])]
-    assert _greedy(vlm.load(copy, dtype="float32"), conv) == _greedy(ours, conv)
+    assert greedy_tokens(vlm.load(copy, dtype="float32"), conv, STEPS) == greedy_tokens(ours, conv, STEPS)
 
 
 def test_stream_matches_generate(ours, media_dir):
@@ -194,10 +187,7 @@ def default_strategy(tmp_path_factory):
 def test_default_strategy_matches_on_several_images(default_strategy, media_dir):
     """'default' works for multi-image prompts; for one image (AnyRes) the reference fails, and so do we, clearly."""
     path, ours = default_strategy
-    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
-    _check(ours, (model, processor), [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"])])
+    _check(ours, reference_pair("LlavaOnevisionForConditionalGeneration", path), [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"])])
     with pytest.raises(vlm.errors.UnsupportedModelError, match="default"):
         ours.generate(_image_conv([f"{media_dir}/waterview.jpg"]), max_new_tokens=2)
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 import vlm
 import vlm.tiny
 from tests.parity import (assert_same_greedy, image_conv, multi_turn_conv, opened, original_text_after_video,
-                          padded_batch, reference_greedy)
+                          padded_batch, reference_greedy, reference_pair)
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,10 +45,8 @@ def ours(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model, processor = reference_pair("Qwen2VLForConditionalGeneration", checkpoint)
     original_text_after_video(model)  # the trained models' rule for the text after a video
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     return model, processor
 
 

@@ -1,5 +1,5 @@
-"""Decode attention (a few queries over a long cache) equals SDPA, with GQA, masks and left padding; so does
-the CPU path of unmasked (vision) attention."""
+"""Decode attention (a few queries over a long cache) equals SDPA, with GQA and masks; a step's rows of
+several requests attend each over its own cache only; so does the CPU path of unmasked (vision) attention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from vlm.layers import attention
-from vlm.layers.attention import SPAN_STEP, KVCache, SelfAttention, cpu_attention, segment_attention
+from vlm.layers.attention import SPAN_STEP, CacheSpec, Rows, SelfAttention, cpu_attention, segment_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (14, 2, 64), (6, 3, 32)])
@@ -19,26 +19,34 @@ def test_cpu_attention_matches_sdpa_with_a_mask(heads, kv_heads, head_dim, queri
     q = torch.randn(batch, heads, queries, head_dim)
     k, v = torch.randn(batch, kv_heads, length, head_dim), torch.randn(batch, kv_heads, length, head_dim)
     mask = torch.rand(batch, 1, queries, length) > 0.3
-    mask[..., -1] = True  # every query sees at least itself, as KVCache.begin guarantees
+    mask[..., -1] = True  # every query sees at least itself, as Rows guarantees
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
     torch.testing.assert_close(cpu_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_attention_reads_a_strided_cache_slice():
-    """The cache is preallocated, so keys arrive as a slice of a longer buffer."""
+def test_rows_of_several_requests_attend_each_over_its_own_cache():
+    """One step: a decode row of a request with 11 cached positions, 5 prompt rows of a fresh one, and 3 rows
+    continuing a prompt of 7. Each equals SDPA over that request's keys alone (the span past them is masked)."""
     torch.manual_seed(1)
-    cache = KVCache(layers=1, batch=2, kv_heads=2, head_dim=8, capacity=300, dtype=torch.float32, device="cpu")
-    valid = torch.ones(2, 11, dtype=torch.bool)
-    valid[1, :4] = False  # the second row is left-padded
-    cache.begin(valid)
-    cache.update(0, torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8))
-    cache.commit(11)
-    mask = cache.begin(torch.ones(2, 1, dtype=torch.bool))
-    k, v = cache.update(0, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
-    assert not k.is_contiguous() and k.shape[2] == mask.shape[-1] == SPAN_STEP  # 12 keys, then masked slots
-    q = torch.randn(2, 6, 1, 8)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(cpu_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    spec = CacheSpec(layers=1, kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    caches = [spec.new(300), spec.new(20), spec.new(40)]
+    history = [(torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)) for n in (11, 0, 7)]
+    for cache, (k, v) in zip(caches, history):
+        if k.shape[2]:
+            Rows([cache], [k.shape[2]]).attend(0, torch.randn(1, 6, k.shape[2], 8), k, v)
+            cache.length = k.shape[2]
+    counts = [1, 5, 3]
+    q, k, v = torch.randn(1, 6, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    rows = Rows(caches, counts)
+    assert rows.plans[0][0] == SPAN_STEP and rows.plans[1][1] is None  # a rounded span; a fresh prompt: causal
+    out = rows.attend(0, q, k, v)
+    for (old_k, old_v), begin, end in zip(history, rows.offsets, rows.offsets[1:]):
+        keys, values = torch.cat([old_k, k[:, :, begin:end]], 2), torch.cat([old_v, v[:, :, begin:end]], 2)
+        causal = torch.ones(end - begin, keys.shape[2], dtype=torch.bool).tril(keys.shape[2] - (end - begin))
+        expected = F.scaled_dot_product_attention(q[:, :, begin:end], keys, values, attn_mask=causal, enable_gqa=True)
+        torch.testing.assert_close(out[:, :, begin:end], expected, rtol=1e-5, atol=1e-5)
+    rows.commit()
+    assert [c.length for c in caches] == [12, 5, 10]
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(3, 3), (6, 2)])
@@ -64,20 +72,21 @@ def test_segment_attention_keeps_segments_apart_in_bfloat16():
         torch.testing.assert_close(out[start:start + segment], eager.transpose(0, 1), rtol=0.02, atol=0.02)
 
 
-def test_fresh_unpadded_prompt_runs_plain_causal_attention():
-    """A first prompt without padding skips the mask (SDPA's causal path); it must equal the masked path,
-    here reached by feeding the same tokens in two chunks."""
+def test_fresh_prompt_runs_plain_causal_attention():
+    """A request's first rows skip the mask (the causal path); it must equal the masked path, here reached
+    by feeding the same tokens in two chunks."""
     torch.manual_seed(4)
     attn = SelfAttention(dim=32, heads=4, kv_heads=2, head_dim=8, layer=0).eval()
     x, cos, sin = torch.randn(1, 20, 32), torch.randn(1, 20, 8), torch.randn(1, 20, 8)
+    spec = CacheSpec(1, 2, 8, torch.float32, torch.device("cpu"))
 
     def run(chunks):
-        cache, outs = KVCache(1, 1, 2, 8, 64, torch.float32, "cpu"), []
+        cache, outs = spec.new(64), []
         for part in torch.arange(20).split(chunks):
-            mask = cache.begin(torch.ones(1, len(part), dtype=torch.bool))
-            assert (mask is None) == (part[0] == 0)
-            outs.append(attn(x[:, part], cos[:, part], sin[:, part], cache, mask))
-            cache.commit(len(part))
+            rows = Rows([cache], [len(part)])
+            assert (rows.plans[0][1] is None) == (part[0] == 0)
+            outs.append(attn(x[:, part], cos[:, part], sin[:, part], rows))
+            rows.commit()
         return torch.cat(outs, dim=1)
 
     with torch.no_grad():

@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results", help="where results.md and results.json go")
     parser.add_argument("--skip-reference", action="store_true", help="measure this project only")
     parser.add_argument("--quantization", choices=sorted(METHODS), help="quantize this project's language model")
+    parser.add_argument("--streams", default="1,2,4,8", help="concurrent streams to measure (empty: none)")
+    parser.add_argument("--kinds", default="text,image", help="what the concurrent streams ask: text, image")
     args = parser.parse_args()
 
     cache, out = Path(args.cache), Path(args.out)
@@ -49,11 +51,15 @@ def main() -> None:
         ref = None if args.skip_reference else _run(
             [sys.executable, str(ROOT / "bench" / "reference_worker.py"), *common, "--family", MODELS[name].family])
         rows.append(_row(name, checkpoint, ours, ref, bandwidth))
+        if args.streams:
+            rows[-1]["concurrency"] = _run([sys.executable, "-m", "vlm.bench.concurrency", str(checkpoint), "--media",
+                                            str(cache), "--dtype", args.dtype, "--threads", str(args.threads),
+                                            "--streams", args.streams, "--kinds", args.kinds])
     report = {"machine": _machine(args.threads), "dtype": args.dtype, "quantization": args.quantization,
               "bandwidth_gb_s": bandwidth / 1e9,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
+    markdown = to_markdown(report) + concurrency_markdown(report)
     (out / "results.md").write_text(markdown)
     print(markdown)
 
@@ -129,6 +135,44 @@ def to_markdown(report: dict) -> str:
                          f"{report['dtype']} vs float32: {ours['top1_plain_vs_float32']:.0%}) | "
                          f"{ours['top1_vs_plain']:.0%} | - | - |")
     return "\n".join(lines) + "\n\nTimes: lower is better; 'ours vs reference' > 1 means this project is faster.\n"
+
+
+def concurrency_markdown(report: dict) -> str:
+    """The concurrent-streams table (engine vs one request at a time) and the issue's targets, as ratios."""
+    rows = [row for row in report["rows"] if row.get("concurrency")]
+    if not rows:
+        return ""
+    lines = ["", "Concurrent streams (each forced to 128 tokens, arriving 0.5 s apart; 'one at a time': each waits "
+             "for the one before, as with one generation per family):", "",
+             "| model | ask | streams | aggregate decode tok/s | vs 1 stream | per-stream tok/s | "
+             "TTFT p50 / p95 (s) | one at a time: tok/s, TTFT p50 / p95 (s) |", "|---|---|---|---|---|---|---|---|"]
+    targets = []
+    for row in rows:
+        results = row["concurrency"]
+        for key, engine in results.items():
+            if not key.endswith("/engine"):
+                continue
+            kind, n, _ = key.split("/")
+            solo, serial = results.get(f"{kind}/1/engine"), results[f"{kind}/{n}/one_at_a_time"]
+            ratio = f"{engine['aggregate_tok_s'] / solo['aggregate_tok_s']:.2f}x" if solo else "-"
+            lines.append(f"| {row['model']} | {kind} | {n} | {engine['aggregate_tok_s']:.1f} | {ratio} | "
+                         f"{engine['per_stream_tok_s']:.1f} | {engine['ttft_p50_s']:.2f} / {engine['ttft_p95_s']:.2f} | "
+                         f"{serial['aggregate_tok_s']:.1f}, {serial['ttft_p50_s']:.2f} / {serial['ttft_p95_s']:.2f} |")
+        prefill = results["prefill_interference"]
+        kept = prefill["stream_tok_s_during_image_prefill"] / prefill["stream_tok_s_before"]
+        targets.append(f"- {row['model']}: two running streams keep {kept:.0%} of their rate while a third user's "
+                       f"image prompt is read ({prefill['image_prefill_s']:.1f} s; target >= 50%)")
+        for n, goal in (("4", 3.0), ("8", 4.5)):
+            if f"text/{n}/engine" in results and "text/1/engine" in results:
+                gain = results[f"text/{n}/engine"]["aggregate_tok_s"] / results["text/1/engine"]["aggregate_tok_s"]
+                targets.append(f"- {row['model']}: aggregate decode at {n} text streams = {gain:.2f}x one stream "
+                               f"(target >= {goal}x)")
+        if "text/4/engine" in results and "text/1/engine" in results:
+            lone = results["text/1/engine"]["ttft_p50_s"]
+            targets.append(f"- {row['model']}: TTFT p95 of 4 staggered text users = "
+                           f"{results['text/4/engine']['ttft_p95_s'] / lone:.2f}x a lone user's ({lone:.2f} s; "
+                           "target <= 2x plus one chunk)")
+    return "\n".join(lines + ["", *targets]) + "\n"
 
 
 def _machine(threads: int) -> str:

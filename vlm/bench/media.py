@@ -8,15 +8,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def make_image(path: Path, size: tuple[int, int] = (640, 480)) -> Path:
-    """A gradient with a few shapes, saved as PNG."""
+def make_image(path: Path, size: tuple[int, int] = (640, 480), variant: int = 0) -> Path:
+    """A gradient with a few shapes (moved by `variant`, so that images differ), saved as PNG."""
     if not path.exists():
         w, h = size
         x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
         image = Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8))
         draw = ImageDraw.Draw(image)
-        draw.ellipse((w // 4, h // 4, w // 2, h // 2), fill=(220, 40, 40))
-        draw.rectangle((w // 2, h // 2, 3 * w // 4, 3 * h // 4), fill=(30, 160, 60))
+        dx = 7 * variant
+        draw.ellipse((w // 4 + dx, h // 4, w // 2 + dx, h // 2), fill=(220, 40, 40))
+        draw.rectangle((w // 2 - dx, h // 2, 3 * w // 4 - dx, 3 * h // 4), fill=(30, 160, 60))
         image.save(path)
     return path
 

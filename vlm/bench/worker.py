@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..model import run_prompt
 from . import scenarios as s
 
 
@@ -68,10 +69,8 @@ def main() -> None:
 def teacher_forced_picks(pipe, conversation) -> torch.Tensor:
     """The model's next-token pick at each of the last NEW_TOKENS positions of `conversation` (one forward)."""
     model, inputs = pipe.model, pipe.encode(conversation)
-    embeds = model.embed(inputs)
-    hidden = model.forward(embeds, inputs["positions"], model.new_cache(1, embeds.shape[1]),
-                           inputs["attention_mask"].bool())
-    return model.logits(hidden[:, -s.NEW_TOKENS:]).argmax(-1)
+    hidden = run_prompt(model, model.embed(inputs).embeds, inputs["positions"][:, 0])
+    return model.logits(hidden[-s.NEW_TOKENS:]).argmax(-1)
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:

@@ -44,6 +44,8 @@ FAMILIES = {
         Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc", media=("image",)),
         Family("glm4v", ("glm4v",), ("Glm4vForConditionalGeneration",), "THUDM/GLM-4.1V-9B-Thinking"),
         Family("glm4", ("glm4",), ("Glm4ForCausalLM",), "THUDM/GLM-4-9B-0414", media=()),
+        Family("idefics", ("idefics",), ("IdeficsForVisionText2Text",), "HuggingFaceM4/idefics-9b-instruct",
+               media=("image",)),
     )
 }
 
@@ -53,6 +55,11 @@ def get_family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise UnsupportedModelError(f"Unknown family {name!r}; supported: {', '.join(FAMILIES)}.") from None
+
+
+def is_segmentation(name: str) -> bool:
+    """A family whose pipeline segments (its package exports a Segmentation result) rather than chats."""
+    return name in FAMILIES and "Segmentation" in getattr(FAMILIES[name].module, "__all__", ())
 
 
 def detect_family(config: dict[str, Any]) -> Family:

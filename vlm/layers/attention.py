@@ -1,8 +1,16 @@
-"""Scaled dot-product attention with a preallocated KV cache (written in place, gpt-fast style)."""
+"""Self-attention over per-request KV caches (preallocated, written in place, gpt-fast style), and the
+vision towers' unmasked attention.
+
+A step of the engine packs the new rows of several requests into one tensor: the projections run once
+over all of them, and `Rows.attend` runs each request's queries over that request's own keys (ragged
+lengths, nothing padded to the longest).
+"""
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
+from itertools import accumulate, groupby
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -11,58 +19,49 @@ from torch.nn import functional as F
 from .linear import PackedLinear, packable
 from .rotary import apply_rotary, rotate_half
 
+SPAN_STEP = 128
+
+
+def _round_up(length: int) -> int:
+    return -(-length // SPAN_STEP) * SPAN_STEP
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The shape of a model's KV cache: what one position costs, and how to make a cache."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def nbytes(self, capacity: int) -> int:
+        """Bytes of a cache holding `capacity` positions (rounded up as allocated)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize * _round_up(capacity)
+
+    def new(self, capacity: int) -> "KVCache":
+        return KVCache(self, capacity)
+
 
 class KVCache:
-    """Keys and values of every layer for a left-padded batch, preallocated to `capacity` positions.
+    """Keys and values of every layer for one request, preallocated to `capacity` positions.
 
-    `valid` marks which cached positions are real tokens (False for left padding); `length` is how
-    many positions are filled. A forward pass calls `begin` once, every layer calls `update`, then
-    `commit` advances `length`.
+    `length` positions are filled; a step writes its new positions after them (`Rows.attend`) and
+    `Rows.commit` advances `length`. Unfilled positions hold zeros, so a key span rounded up past the
+    filled ones (masked) never reads anything but finite numbers.
     """
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
-        capacity = _round_up(capacity)
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.capacity = capacity
+    def __init__(self, spec: CacheSpec, capacity: int):
+        self.spec = spec
+        self.capacity = _round_up(capacity)
+        self.data = torch.zeros(2, spec.layers, spec.kv_heads, self.capacity, spec.head_dim, dtype=spec.dtype,
+                                device=spec.device)  # keys, values
         self.length = 0
 
-    def begin(self, new_valid: torch.Tensor) -> torch.Tensor | None:
-        """Register `new_valid` (B, L) tokens; return the boolean attention mask (B, 1, L, span).
-
-        Each query sees valid keys up to itself, and always itself (so padded queries never see an
-        empty row, which would turn into NaN). `span` is length + L rounded up to SPAN_STEP: the keys
-        past the new tokens are masked out, and matmul shapes change once per SPAN_STEP tokens only
-        (oneDNN compiles a kernel for each new shape, which costs more than the matmul itself).
-        A first prompt without padding returns None instead: plain causal attention, which skips the
-        keys after each query (about half the work of a masked prompt).
-        """
-        start, count = self.length, new_valid.shape[1]
-        if start + count > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; {start + count} requested.")
-        self.valid[:, start:start + count] = new_valid
-        if start == 0 and bool(new_valid.all()):
-            self.span = count
-            return None
-        self.span = min(self.capacity, _round_up(start + count))
-        keys = torch.arange(self.span, device=new_valid.device)
-        queries = torch.arange(start, start + count, device=new_valid.device)
-        causal = keys[None, :] <= queries[:, None]
-        mask = causal[None] & self.valid[:, None, :self.span]
-        mask |= keys[None, None, :] == queries[None, :, None]
-        return mask[:, None]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, L, D) after the filled positions; return the keys and values of the span."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :self.span], self.values[layer][:, :, :self.span]
-
-    def commit(self, count: int) -> None:
-        self.length += count
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` positions."""
@@ -73,21 +72,63 @@ class KVCache:
         capacity = _round_up(capacity)
         if capacity <= self.capacity:
             return
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-                new[:, :, :self.length] = old[:, :, :self.length]
-                store[i] = new
-        valid = self.valid.new_zeros(self.valid.shape[0], capacity)
-        valid[:, :self.length] = self.valid[:, :self.length]
-        self.valid, self.capacity = valid, capacity
+        data = self.data.new_zeros(*self.data.shape[:3], capacity, self.data.shape[4])
+        data[..., :self.length, :] = self.data[..., :self.length, :]
+        self.data, self.capacity = data, capacity
 
 
-SPAN_STEP = 128
+class Rows:
+    """Which rows of a step belong to which request: each request's KV cache and how many new rows it
+    has (in order), plus per-request state a family may need at every step (`extras`).
+
+    Built once per step, before the layers: a request's queries see its cached keys and its new keys
+    up to themselves. The key span is rounded up to SPAN_STEP positions (masked past the new ones), so
+    matmul shapes change once per SPAN_STEP tokens only (oneDNN compiles a kernel for each new shape,
+    which costs more than the matmul itself). A request's first rows need no mask at all (causal).
+    """
+
+    def __init__(self, caches: Sequence[KVCache], counts: Sequence[int], extras: Sequence[dict[str, Any]] = ()):
+        self.caches, self.counts, self.extras = list(caches), list(counts), list(extras)
+        self.offsets = [0, *accumulate(self.counts)]
+        self.plans = [_plan(cache, count) for cache, count in zip(self.caches, self.counts)]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, KV, N, D) of all rows -> (1, H, N, D): each request over its own keys."""
+        out = torch.empty_like(q)
+        for cache, begin, end, (span, mask) in zip(self.caches, self.offsets, self.offsets[1:], self.plans):
+            start = cache.length
+            stored = cache.data[:, layer]  # (2, KV, capacity, D)
+            stored[0, :, start:start + end - begin] = k[0, :, begin:end]
+            stored[1, :, start:start + end - begin] = v[0, :, begin:end]
+            out[:, :, begin:end] = attention(q[:, :, begin:end], stored[0, None, :, :span], stored[1, None, :, :span],
+                                             mask)
+        return out
+
+    def commit(self) -> None:
+        """The step ran through every layer: its rows are now part of each cache."""
+        for cache, count in zip(self.caches, self.counts):
+            cache.length += count
 
 
-def _round_up(length: int) -> int:
-    return -(-length // SPAN_STEP) * SPAN_STEP
+def _plan(cache: KVCache, count: int) -> tuple[int, torch.Tensor | None]:
+    """(key span, mask (1, 1, count, span) or None for plain causal attention) of one request's new rows."""
+    start = cache.length
+    if start + count > cache.capacity:
+        raise ValueError(f"KV cache holds {cache.capacity} positions; {start + count} requested.")
+    if start == 0:
+        return count, None
+    span = min(cache.capacity, _round_up(start + count))
+    keys = torch.arange(span, device=cache.data.device)
+    queries = torch.arange(start, start + count, device=cache.data.device)
+    return span, (keys[None, :] <= queries[:, None])[None, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (1, H, L, D) over k/v (1, KV, T, D): masked (True = seen), or causal when `mask` is None (T == L)."""
+    if q.device.type == "cpu":
+        return cpu_attention(q, k, v, mask, causal=mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class SelfAttention(nn.Module):
@@ -120,19 +161,14 @@ class SelfAttention(nn.Module):
         overrides this)."""
         return apply_rotary(x, cos, sin)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """x (1, N, dim): the step's rows of every request; cos/sin (1, N, rotary dim)."""
         b, n, _ = x.shape
         qk, v = self.project(x)
         qk = self.rotate(qk.view(b, n, self.heads + self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        k, v = cache.update(self.layer, k, v)
-        if x.device.type == "cpu":
-            out = cpu_attention(q, k, v, mask, causal=mask is None)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.heads != self.kv_heads)
+        out = rows.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -194,7 +230,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
 
 def _batches(lengths: list[int]):
     """(segment length, how many segments in one batch) for consecutive segments."""
-    for length, run in itertools.groupby(lengths):
+    for length, run in groupby(lengths):
         count = len(list(run))
         yield from [(length, count)] if length <= SMALL_SEGMENT else [(length, 1)] * count
 

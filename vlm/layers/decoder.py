@@ -1,5 +1,5 @@
-"""Qwen2-style decoder (pre-norm, GQA self-attention with q/k/v biases, SwiGLU), shared by Qwen2-VL and
-LLaVA-OneVision; the rotary embedding is chosen by the family."""
+"""Qwen2/Llama-style decoder (pre-norm, GQA self-attention with or without q/k/v biases, SwiGLU), shared by
+Qwen2-VL, LLaVA-OneVision and IDEFICS; the rotary embedding is chosen by the family."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import cancellation
 from ..checkpoint import rope_config
-from .attention import KVCache, SelfAttention
+from .attention import CacheSpec, Rows, SelfAttention
 from .mlp import GatedMLP
 from .norms import RMSNorm
 
@@ -29,6 +29,7 @@ class DecoderConfig:
     rope: dict[str, Any]
     tie_word_embeddings: bool
     hidden_act: str = "silu"
+    qkv_bias: bool = True  # Qwen2's q/k/v projections have biases, Llama's none
 
     @classmethod
     def from_dict(cls, text: dict[str, Any]) -> "DecoderConfig":
@@ -52,13 +53,14 @@ class DecoderConfig:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer)
+        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer,
+                                       qkv_bias=cfg.qkv_bias)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -73,18 +75,16 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def cache_spec(self) -> CacheSpec:
         w = self.embed_tokens.weight
-        return KVCache(self.cfg.num_layers, batch, self.cfg.num_kv_heads, self.cfg.head_dim, capacity, w.dtype, w.device)
+        return CacheSpec(self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                valid: torch.Tensor) -> torch.Tensor:
-        """embeds (B, L, D), positions (P, B, L), valid (B, L) -> hidden states (B, L, D)."""
-        mask = cache.begin(valid)
-        cos, sin = self.rotary(positions, embeds.dtype)
-        x = embeds
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """embeds (N, D) and positions (P, N) of a step's rows (`rows` says whose) -> hidden states (N, D)."""
+        cos, sin = self.rotary(positions[:, None], embeds.dtype)
+        x = embeds[None]
         for layer in self.layers:
-            cancellation.check()
-            x = layer(x, cos, sin, cache, mask)
-        cache.commit(embeds.shape[1])
-        return self.norm(x)
+            cancellation.check()  # the engine stops a step whose every request was cancelled
+            x = layer(x, cos, sin, rows)
+        rows.commit()
+        return self.norm(x)[0]

@@ -24,13 +24,19 @@ def patchify(frames: torch.Tensor, temporal_patch_size: int, patch_size: int, me
     return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
 
 
-def image_patches(pixels, mean, std, rescale_factor: float, temporal_patch_size: int, patch_size: int,
-                  merge_size: int):
-    """A resized (H, W, 3) uint8 array -> `patchify`'s rows and grid, with the reference's float steps
-    (rescale in float64, then normalise in float32)."""
+def normalize_pixels(pixels: np.ndarray, mean, std, rescale_factor: float) -> torch.Tensor:
+    """A resized (H, W, 3) uint8 array -> (3, H, W) float32 with the reference's float steps (rescale in
+    float64, then normalise in float32)."""
     mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
     x = ((pixels.astype(np.float64) * rescale_factor).astype(np.float32) - mean) / std
-    return patchify(torch.from_numpy(x).permute(2, 0, 1)[None], temporal_patch_size, patch_size, merge_size)
+    return torch.from_numpy(x).permute(2, 0, 1)
+
+
+def image_patches(pixels, mean, std, rescale_factor: float, temporal_patch_size: int, patch_size: int,
+                  merge_size: int):
+    """A resized (H, W, 3) uint8 array -> `patchify`'s rows and grid (see `normalize_pixels`)."""
+    x = normalize_pixels(pixels, mean, std, rescale_factor)
+    return patchify(x[None], temporal_patch_size, patch_size, merge_size)
 
 
 def video_patches(frames: torch.Tensor, size: tuple[int, int], mode: str, mean, std, rescale_factor: float,

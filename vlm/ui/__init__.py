@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from .. import media
 from ..api import OpenAIApi
 from ..api_request import ServedModel
-from ..families import FAMILIES
+from ..families import is_segmentation
 from ..remote import RemotePipeline
 from ..session import SessionManager
 from . import zerogpu
@@ -76,7 +76,7 @@ def build(settings: Settings) -> gr.Blocks:
         if name not in chat:
             raise ValueError(f"VLM_REMOTE_{name.upper()} is set, but {name} is not a chat family this demo serves.")
     manager = SessionManager(settings.memory_budget_bytes, settings.limits, settings.concurrency, settings.device,
-                             settings.dtype, resolve=catalog.resolve,
+                             settings.dtype, resolve=catalog.resolve, kv_budget_bytes=settings.kv_budget_bytes,
                              remote={name: partial(RemotePipeline.connect, name, server)
                                      for name, server in settings.remote.items()},
                              remote_concurrency=settings.remote_concurrency)
@@ -102,7 +102,7 @@ def build(settings: Settings) -> gr.Blocks:
             sessions.end(request.session_hash)
 
         demo.unload(end_session)
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency or 1)
     uploads.share(path for example in examples for path in example_files(example))
     gate.install(demo)
     demo.defences = Defences(gate, uploads, sessions)
@@ -155,8 +155,3 @@ def api_models(catalog: Catalog, families: list[str]) -> list[ServedModel]:
     models = [ServedModel(name, name, catalog.default_source(name)) for name in families]
     return models + [ServedModel(m.source, m.family, m.source) for m in models
                      if not is_remote(m.source) and not os.path.isabs(m.source) and not os.path.exists(m.source)]
-
-
-def is_segmentation(family: str) -> bool:
-    """A family whose pipeline segments (its package exports a Segmentation result) rather than chats."""
-    return "Segmentation" in getattr(FAMILIES[family].module, "__all__", ())

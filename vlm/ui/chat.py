@@ -140,8 +140,8 @@ class ChatTab:
                     max_pixels, fps, num_frames, thinking_budget]
         defaults = [max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, thinking_budget, thinking]
         private: dict[str, Any] = {"api_visibility": "private", "preprocess": False}
-        generating = {**private, "concurrency_id": "chat",
-                      "concurrency_limit": sum(self.manager.slots(name) for name in self.families)}
+        slots = [self.manager.slots(name) for name in self.families]  # None: what a family's KV budget holds
+        generating = {**private, "concurrency_id": "chat", "concurrency_limit": None if None in slots else sum(slots)}
         enable = {"fn": lambda: (gr.MultimodalTextbox(interactive=True), gr.Button(interactive=False)),
                   "inputs": None, "outputs": [box, stop], **private}
         showing = {"fn": self.show_status, "inputs": [family, checkpoint], "outputs": status,

@@ -79,8 +79,8 @@ class SegmentTab:
         family.change(lambda f: gr.Dropdown(choices=self.catalog.choices(f), value=self.catalog.default(f)),
                       family, checkpoint, api_visibility="private", preprocess=False)
         run.click(self.segment, [image, labels, family, checkpoint, threshold, opacity, names],
-                  [overlay, shown, areas, result], preprocess=False,
-                  api_name="segment", concurrency_id="segment", concurrency_limit=self.manager.concurrency)
+                  [overlay, shown, areas, result], preprocess=False, api_name="segment", concurrency_id="segment",
+                  concurrency_limit=sum(self.manager.slots(name) for name in self.families))
         for control in (opacity, names, shown):
             control.input(self.redraw, [result, opacity, names, shown], overlay, api_visibility="private",
                           preprocess=False)

@@ -8,7 +8,10 @@ VLM_CACHE_DIR           where tiny checkpoints are written (default: $HF_HOME/vl
 VLM_DEVICE, VLM_DTYPE   as vlm.load (default "auto")
 VLM_MEMORY_BUDGET_GB    weights kept loaded at once (default: 90% of GPU memory, else 70% of RAM)
 VLM_QUEUE_SIZE          requests waiting in Gradio's queue (default 32)
-VLM_CONCURRENCY         requests served at once per family (default 1)
+VLM_CONCURRENCY         requests in a family's batch, answered at once (default: as many as its KV budget holds;
+                        segmentation: 1)
+VLM_KV_BUDGET_GB        KV cache memory of a family's requests, running and kept for follow-ups (default: a
+                        quarter of the memory budget); a request that does not fit waits, told its place
 VLM_SESSION_CAPACITY, VLM_SESSION_MEMORY
                         browser or API sessions kept, and the memory of their state (default 1000, "512mb");
                         beyond either, empty and then long-unused sessions are dropped (see vlm/ui/sessions.py)
@@ -36,6 +39,8 @@ VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the ch
 VLM_API_KEY             when set, the OpenAI-compatible /v1 routes need "Authorization: Bearer <key>"
 VLM_API_ALLOWED_HOSTS   comma-separated hosts whose http(s) image/video URLs the API fetches (default: none)
 VLM_API_MAX_REQUEST_SIZE  largest API request body (default "100mb")
+VLM_API_MAX_PENDING_SIZE  API request bodies being read and parsed at once, twice their size counted
+                        (default 2.5 x VLM_API_MAX_REQUEST_SIZE); a request past it is answered 429
 VLM_REMOTE_<FAMILY>     serve a family from an OpenAI-compatible server, e.g. http://gpu-box:8000/v1, with
                         VLM_REMOTE_<FAMILY>_API_KEY, VLM_REMOTE_<FAMILY>_MODEL and VLM_REMOTE_TIMEOUT (120 s)
 VLM_REMOTE_CONCURRENCY  requests a remote family streams at once (default 8; the server batches them)
@@ -69,7 +74,7 @@ class Settings:
     dtype: str
     memory_budget_bytes: int | None
     queue_size: int
-    concurrency: int
+    concurrency: int | None  # None: as many as the KV budget holds
     limits: Limits
     custom_checkpoints: bool
     media: MediaLimits = MediaLimits()
@@ -80,6 +85,7 @@ class Settings:
     remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
     remote_concurrency: int = 8
     prompt_budget: int = 8192  # prompt tokens above which the chat offers to fit a question's images and video
+    kv_budget_bytes: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -90,7 +96,10 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{name}={value!r} is not a number.") from None
 
-        budget_gb = number("VLM_MEMORY_BUDGET_GB", 0.0)
+        device = env.get("VLM_DEVICE", "auto")
+        budget_gb, kv_gb = number("VLM_MEMORY_BUDGET_GB", 0.0), number("VLM_KV_BUDGET_GB", 0.0)
+        memory_budget = int(budget_gb * 2**30) if budget_gb > 0 else default_budget(device)
+        kv_budget = int(kv_gb * 2**30) if kv_gb > 0 else (memory_budget // 4 if memory_budget else None)
         overflow = env.get("VLM_CONTEXT_OVERFLOW", "truncate").strip().lower()
         if overflow not in ("truncate", "error"):
             raise ValueError(f"VLM_CONTEXT_OVERFLOW={overflow!r}; use truncate or error.")
@@ -100,7 +109,6 @@ class Settings:
             return file_size(value, name) if value else default
 
         defaults = MediaLimits()
-        device = env.get("VLM_DEVICE", "auto")
         return cls(
             models={k[len("VLM_MODEL_"):].lower(): v for k, v in env.items() if k.startswith("VLM_MODEL_") and v},
             families=tuple(f.strip() for f in env["VLM_FAMILIES"].split(",") if f.strip())
@@ -109,9 +117,10 @@ class Settings:
             cache_dir=Path(env.get("VLM_CACHE_DIR") or default_cache_dir(env)),
             device=device,
             dtype=env.get("VLM_DTYPE", "auto"),
-            memory_budget_bytes=int(budget_gb * 2**30) if budget_gb > 0 else default_budget(device),
+            memory_budget_bytes=memory_budget,
+            kv_budget_bytes=kv_budget,
             queue_size=int(number("VLM_QUEUE_SIZE", 32)),
-            concurrency=int(number("VLM_CONCURRENCY", 1)),
+            concurrency=int(number("VLM_CONCURRENCY", 0)) or None,
             limits=Limits(
                 max_new_tokens=int(number("VLM_MAX_NEW_TOKENS", Limits.max_new_tokens)),
                 max_images=int(number("VLM_MAX_IMAGES", Limits.max_images)),
@@ -147,11 +156,7 @@ class Settings:
                 max_video_frames=int(number("VLM_MAX_VIDEO_FRAMES", defaults.max_video_frames)),
                 decode_seconds=number("VLM_DECODE_SECONDS", defaults.decode_seconds),
             ),
-            api=ApiSettings(
-                key=env.get("VLM_API_KEY") or None,
-                allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
-                max_request_bytes=file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE"),
-            ),
+            api=api_settings(env),
             remote=servers_from_env(env, FAMILIES),
             remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
             prompt_budget=int(number("VLM_PROMPT_BUDGET", 8192)),
@@ -161,6 +166,18 @@ class Settings:
         """What an API request is checked against: the chat tab's caps and upload limits."""
         return Bounds(self.limits.max_new_tokens, self.limits.max_images, self.limits.max_frames,
                       self.media.max_video_bytes, self.media.max_image_pixels, self.api.allowed_hosts)
+
+
+def api_settings(env: Mapping[str, str]) -> ApiSettings:
+    """The OpenAI-compatible API's VLM_API_* settings."""
+    request = file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE")
+    pending = env.get("VLM_API_MAX_PENDING_SIZE")
+    return ApiSettings(
+        key=env.get("VLM_API_KEY") or None,
+        allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
+        max_request_bytes=request,
+        max_pending_bytes=file_size(pending, "VLM_API_MAX_PENDING_SIZE") if pending else request * 5 // 2,
+    )
 
 
 def file_size(value: str, name: str = "VLM_MAX_FILE_SIZE") -> int:

@@ -8,16 +8,15 @@ are one fused `gate_up_proj`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ...layers.attention import KVCache, SelfAttention
+from ...layers.attention import SelfAttention
 from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.mlp import activation
 from ...layers.norms import RMSNorm
 from ...layers.rotary import Rotary
+from ...model import ChatModel
 
 # Checkpoint prefix -> module prefix (first match wins): the hub's names are the modules'; Glm4Model's (no
 # head, no `model.` prefix) get the prefix, as transformers reads them.
@@ -91,8 +90,8 @@ class GlmDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
+    def forward(self, x, cos, sin, rows):
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, rows))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -104,7 +103,7 @@ class GlmDecoder(Decoder):
         self.layers = nn.ModuleList(GlmDecoderLayer(cfg, i, attention_bias) for i in range(cfg.num_layers))
 
 
-class Glm4(nn.Module):
+class Glm4(ChatModel):
     """GLM-4 causal LM; module names are the hub's (`model.*`, `lm_head`)."""
     language_modules = ("model.", "lm_head")  # what quantization applies to
 
@@ -113,18 +112,3 @@ class Glm4(nn.Module):
         rotary = InterleavedRotary(Rotary(rotary_dim(cfg), cfg.rope["rope_theta"]))
         self.model = GlmDecoder(cfg, rotary, attention_bias)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
-        return self.model.embed_tokens(inputs["input_ids"])
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(ids)
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.model.new_cache(batch, capacity)
-
-    def forward(self, embeds, positions, cache, valid) -> torch.Tensor:
-        return self.model(embeds, positions, cache, valid)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

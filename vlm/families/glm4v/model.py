@@ -7,11 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...caching import FeatureCache
-from ...errors import InputError
-from ...layers.attention import KVCache
 from ...layers.decoder import DecoderConfig
 from ...layers.rotary import MRotary
+from ...model import ChatModel, Embedded, place_media, request_ids
 from ..glm4.model import GlmDecoder, InterleavedRotary, rotary_dim
 from .vision import VisionConfig, VisionTransformer
 
@@ -29,7 +27,7 @@ WEIGHT_NAMES = [
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
 
-class Glm4v(nn.Module):
+class Glm4v(ChatModel):
     language_modules = ("model.language_model.", "lm_head")  # what quantization applies to
 
     def __init__(self, text: DecoderConfig, vision: VisionConfig, image_token_id: int):
@@ -40,45 +38,36 @@ class Glm4v(nn.Module):
                                     "visual": VisionTransformer(vision)})
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.image_token_id = image_token_id
-        self.features = FeatureCache()
 
     @property
-    def language_model(self) -> GlmDecoder:
+    def decoder(self) -> GlmDecoder:
         return self.model["language_model"]
 
     @property
     def visual(self) -> VisionTransformer:
         return self.model["visual"]
 
-    def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Token embeddings with vision features written over the placeholders.
+    def embed(self, inputs: dict[str, Any]) -> Embedded:
+        """Token embeddings with each image's and video's features written over its placeholders.
 
         Images and videos share one placeholder token; `mm_token_type_ids` (1 image, 2 video) tells
         them apart. Every video frame pair is encoded as an image of its own.
         """
-        ids = inputs["input_ids"]
-        embeds = self.language_model.embed_tokens(ids)
-        for kind, pixels, grid in ((1, "pixel_values", "image_grid_thw"), (2, "pixel_values_videos", "video_grid_thw")):
+        embedded = super().embed(inputs)
+        ids = request_ids(inputs)
+        types = inputs["mm_token_type_ids"][0].to(ids.device)
+        for kind, pixels, grid, name in ((1, "pixel_values", "image_grid_thw", "image"),
+                                         (2, "pixel_values_videos", "video_grid_thw", "video")):
             if pixels not in inputs:
                 continue
             grids = inputs[grid]
-            if kind == 2:
-                grids = torch.repeat_interleave(grids, grids[:, 0], dim=0).index_fill(1, torch.tensor([0]), 1)
-            features = self.features(self.visual, inputs[pixels].to(embeds.device), grids, items=len(inputs[grid]))
-            slots = (ids == self.image_token_id) & (inputs["mm_token_type_ids"].to(ids.device) == kind)
-            if int(slots.sum()) != features.shape[0]:
-                raise InputError(f"{int(slots.sum())} placeholder tokens for {features.shape[0]} vision features.")
-            embeds[slots] = features.to(embeds.dtype)
-        return embeds
+            parts = inputs[pixels].to(embedded.embeds.device).split(grids.prod(-1).tolist())
+            items = [self.features.encode(self.visual, part, _frame_grids(g) if kind == 2 else g[None])
+                     for part, g in zip(parts, grids)]
+            place_media(embedded, (ids == self.image_token_id) & (types == kind), items, name)
+        return embedded
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(ids)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.language_model.new_cache(batch, capacity)
-
-    def forward(self, embeds, positions, cache, valid) -> torch.Tensor:
-        return self.language_model(embeds, positions, cache, valid)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+def _frame_grids(grid: torch.Tensor) -> torch.Tensor:
+    """A video's (t, h, w) grid as t grids of one frame pair each, (t, 3)."""
+    return grid[None].repeat(int(grid[0]), 1).index_fill(1, torch.tensor([0]), 1)

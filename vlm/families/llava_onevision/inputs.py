@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ...conversation import Media, left_pad, media_items, template_view
+from ...conversation import Media, as_parts, left_pad, media_items, template_view
 from ...errors import InputError
 from ...media import load_images, probe_video, read_frames, resample_mode, sample_frames_uniform
 from ...tokenizer import Tokenizer
@@ -40,7 +40,7 @@ class LlavaOnevisionInputs:
         template_vars = media_options.pop("template_vars", None) or {}
         rows, images, image_sizes, per_row, videos = [], [], [], [], []
         for messages in conversations:
-            ids = self.tokenizer.encode_chat(_text_parts(template_view(messages)),
+            ids = self.tokenizer.encode_chat(as_parts(template_view(messages)),
                                              add_generation_prompt=add_generation_prompt, **template_vars)
             media = media_items(messages)
             pictures = load_images([m.source for m in media if m.kind == "image"],
@@ -105,9 +105,3 @@ class LlavaOnevisionInputs:
         for token in ids:
             out += [token] * next(pending[token]) if token in pending else [token]
         return out
-
-
-def _text_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """String content as one text part: the hub template renders only typed parts and would drop it."""
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
-            for m in messages]

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...caching import FeatureCache
 from ...checkpoint import prefix_renamer, sub_config
 from ...errors import CheckpointError, InputError, UnsupportedModelError
-from ...layers.attention import KVCache
 from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.mlp import activation
 from ...layers.rotary import Rotary
+from ...layers.vit import ViTConfig
+from ...model import ChatModel, Embedded, place_media, request_ids
 from .anyres import Size, limited_shape, max_tiles, tile_grid, unpadded_shape
-from .siglip import SiglipConfig, SiglipVision
+from .siglip import SiglipVision, siglip_config
 
 # Checkpoint prefix -> module prefix (first match wins): every layout transformers writes or reads. The
 # modules carry the hub's names, listed first so the shorter prefixes below do not catch them.
@@ -59,7 +59,7 @@ def rename(key: str) -> str | None:
 @dataclass
 class LlavaOnevisionConfig:
     text: DecoderConfig
-    vision: SiglipConfig
+    vision: ViTConfig
     image_token_id: int
     video_token_id: int
     feature_layers: list[int]
@@ -83,7 +83,7 @@ class LlavaOnevisionConfig:
             raise CheckpointError(f"vision_feature_select_strategy={strategy!r}; expected 'full' or 'default'.")
         pinpoints = config.get("image_grid_pinpoints") or [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
         return cls(
-            text=decoder, vision=SiglipConfig.from_dict(config.get("vision_config")),
+            text=decoder, vision=siglip_config(config.get("vision_config")),
             image_token_id=config.get("image_token_index", config.get("image_token_id", 151646)),
             video_token_id=config.get("video_token_index", config.get("video_token_id", 151647)),
             feature_layers=[layers] if isinstance(layers, int) else list(layers), select_strategy=strategy,
@@ -120,12 +120,12 @@ class CausalLM(nn.Module):
 class VisionTower(nn.Module):
     """Hub prefix `vision_tower.vision_model.`."""
 
-    def __init__(self, cfg: SiglipConfig):
+    def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.vision_model = SiglipVision(cfg)
 
 
-class LlavaOnevision(nn.Module):
+class LlavaOnevision(ChatModel):
     language_modules = ("language_model.",)  # what quantization applies to
 
     def __init__(self, cfg: LlavaOnevisionConfig):
@@ -137,7 +137,6 @@ class LlavaOnevision(nn.Module):
         self.multi_modal_projector = Projector(cfg.vision.hidden_size * len(cfg.feature_layers), text.hidden_size,
                                                cfg.projector_act, cfg.projector_bias)
         self.image_newline = nn.Parameter(torch.empty(text.hidden_size))
-        self.features = FeatureCache()
 
     # ------------------------------------------------------------------------------------ vision
 
@@ -148,23 +147,21 @@ class LlavaOnevision(nn.Module):
             features = features[:, 1:]
         return self.multi_modal_projector(features)
 
-    def image_features(self, pixels: torch.Tensor, image_sizes: torch.Tensor,
-                       batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels (images, max tiles, C, S, S) zero-padded, image_sizes (images, 2) as (H, W) -> (tokens, hidden).
+    def image_features(self, tiles: torch.Tensor, size: Size, anyres: bool) -> torch.Tensor:
+        """One image's tiles (n, C, S, S), its size (H, W) -> (tokens, hidden): AnyRes tiles packed, or
+        (a conversation with several images) one base tile."""
+        features = self.encode_tiles(tiles)
+        return self.pack(features, size) if anyres else self.end_with_newline(features[0])
 
-        A conversation with one image gets AnyRes tiles; with several, each image is one base tile.
-        """
-        sizes = [tuple(s) for s in image_sizes.tolist()]
-        per_row = batch_num_images.tolist() if batch_num_images is not None else [1] * len(sizes)
-        anyres = [n == 1 for n in per_row for _ in range(n)]
+    def image_tiles(self, pixels: torch.Tensor, sizes: list[Size]) -> list[tuple[torch.Tensor, Size, bool]]:
+        """pixels (images, max tiles, C, S, S) zero-padded -> per image: its tiles, size and whether it is
+        tiled (AnyRes applies when the conversation has one image)."""
+        anyres = len(sizes) == 1
         tile = self.cfg.vision.image_size
-        counts = [math.prod(tile_grid(s, self.cfg.pinpoints, tile)) + 1 if a else 1 for s, a in zip(sizes, anyres)]
+        counts = [math.prod(tile_grid(s, self.cfg.pinpoints, tile)) + 1 if anyres else 1 for s in sizes]
         if len(counts) != pixels.shape[0] or max(counts) > pixels.shape[1]:
             raise InputError(f"pixel_values {tuple(pixels.shape)} do not hold the tiles of images of sizes {sizes}.")
-        tiles = torch.cat([p[:n] for p, n in zip(pixels, counts)])
-        features = self.encode_tiles(tiles).split(counts)
-        packed = [self.pack(f, s) if len(f) > 1 else self.end_with_newline(f[0]) for f, s in zip(features, sizes)]
-        return torch.cat(packed)
+        return [(p[:n], s, anyres) for p, n, s in zip(pixels, counts, sizes)]
 
     def pack(self, features: torch.Tensor, size: Size) -> torch.Tensor:
         """(1 + rows*cols tiles, grid^2, D) -> base tile, then the unpadded, limited map with a newline per row."""
@@ -195,52 +192,38 @@ class LlavaOnevision(nn.Module):
         """(N, D) tokens -> (N + 1, D)."""
         return torch.cat([x, self.image_newline.to(x.dtype)[None]])
 
-    def video_features(self, pixels: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels (videos, max frames, C, S, S) -> per video: frames pooled 2x2 (bilinear), then one newline."""
-        counts = num_frames.tolist() if num_frames is not None else [pixels.shape[1]] * pixels.shape[0]
-        features = self.encode_tiles(torch.cat([v[:n] for v, n in zip(pixels, counts)]))
+    def video_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """One video's frames (n, C, S, S) -> its frames pooled 2x2 (bilinear), then one newline."""
+        features = self.encode_tiles(frames)
         grid = self.cfg.vision.grid
         if features.shape[1] != grid * grid:
             raise UnsupportedModelError("vision_feature_select_strategy='default' drops a patch, so video frames "
                                         "cannot be pooled (the reference fails too); use 'full'.")
         x = features.view(-1, grid, grid, features.shape[-1]).permute(0, 3, 1, 2)
         x = F.interpolate(x, size=[math.ceil(grid / 2)] * 2, mode="bilinear")
-        x = x.permute(0, 2, 3, 1).flatten(1, 2)  # (frames, pooled patches, D)
-        return torch.cat([self.end_with_newline(v.flatten(0, 1)) for v in x.split(counts)])
+        return self.end_with_newline(x.permute(0, 2, 3, 1).flatten(0, 2))  # (frames * pooled patches + 1, D)
 
     # ------------------------------------------------------------------------------------ decoder
 
-    def embed(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Token embeddings with image/video features written over their placeholder tokens."""
-        ids = inputs["input_ids"]
-        embeds = self.embed_tokens(ids)
+    @property
+    def decoder(self) -> Decoder:
+        return self.language_model.model
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.language_model.lm_head
+
+    def embed(self, inputs: dict[str, Any]) -> Embedded:
+        """Token embeddings with each image's and video's features written over its placeholder tokens."""
+        embedded = super().embed(inputs)
+        ids = request_ids(inputs)
         if "pixel_values" in inputs:
-            features = self.features(self.image_features, inputs["pixel_values"], inputs["image_sizes"],
-                                     inputs.get("batch_num_images"), items=len(inputs["image_sizes"]))
-            _scatter(embeds, ids == self.cfg.image_token_id, features, "image")
+            tiles = self.image_tiles(inputs["pixel_values"], [tuple(s) for s in inputs["image_sizes"].tolist()])
+            items = [self.features.encode(self.image_features, *image) for image in tiles]
+            place_media(embedded, ids == self.cfg.image_token_id, items, "image")
         if "pixel_values_videos" in inputs:
-            features = self.features(self.video_features, inputs["pixel_values_videos"], inputs.get("video_num_frames"),
-                                     items=len(inputs["pixel_values_videos"]))
-            _scatter(embeds, ids == self.cfg.video_token_id, features, "video")
-        return embeds
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(ids)
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.language_model.model.new_cache(batch, capacity)
-
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                valid: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model(embeds, positions, cache, valid)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.lm_head(hidden)
-
-
-def _scatter(embeds: torch.Tensor, slots: torch.Tensor, features: torch.Tensor, kind: str) -> None:
-    """Write features over the placeholder slots in order; the counts must agree exactly."""
-    if int(slots.sum()) != features.shape[0]:
-        raise InputError(f"The prompt has {int(slots.sum())} {kind} placeholder tokens for {features.shape[0]} {kind} "
-                         "features; the processor settings do not match the model config.")
-    embeds[slots] = features.to(embeds.dtype)
+            videos = inputs["pixel_values_videos"]
+            counts = inputs.get("video_num_frames", torch.full((len(videos),), videos.shape[1])).tolist()
+            items = [self.features.encode(self.video_features, video[:n]) for video, n in zip(videos, counts)]
+            place_media(embedded, ids == self.cfg.video_token_id, items, "video")
+        return embedded

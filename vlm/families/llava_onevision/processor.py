@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from ...checkpoint import read_processor_configs
 from ...errors import InputError
+from ...layers.patches import normalize_pixels
 from ...media import resample_mode, to_rgb
 from .anyres import Size, anyres_shape, best_resolution, max_tiles
 
@@ -131,13 +132,11 @@ def _fit(height: int, width: int, target_h: int, target_w: int) -> Size:
 
 def preprocess_image(image: Image.Image, s: PixelSettings, anyres: bool) -> torch.Tensor:
     """An image -> (tiles, C, H, W) float32, normalised as the reference's NumPy path does."""
-    mean, std = np.array(s.image_mean, dtype=np.float32), np.array(s.image_std, dtype=np.float32)
     out = []
     for tile in image_tiles(image, s, anyres):
         if tile.size != (s.size[1], s.size[0]):
             tile = tile.resize((s.size[1], s.size[0]), resample=s.resample)
-        x = ((np.asarray(tile).astype(np.float64) * s.rescale_factor).astype(np.float32) - mean) / std
-        out.append(torch.from_numpy(x).permute(2, 0, 1))
+        out.append(normalize_pixels(np.asarray(tile), s.image_mean, s.image_std, s.rescale_factor))
     return torch.stack(out)
 
 

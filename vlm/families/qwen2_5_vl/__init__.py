@@ -10,12 +10,12 @@ import torch
 
 from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
 from ...layers.decoder import DecoderConfig
+from ...layers.qwen_vl import TIED, WEIGHT_NAMES, QwenVL
 from ...pipeline import ChatPipeline
 from ...processing.qwen_vl import QwenVLInputs, VisionSettings, token_ids
 from ...tokenizer import Tokenizer
-from .model import TIED, WEIGHT_NAMES, Qwen2_5_VL
 from .tiny import write_tiny
-from .vision import VisionConfig
+from .vision import VisionConfig, VisionTransformer
 
 __all__ = ["load", "write_tiny"]
 
@@ -30,7 +30,7 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     generation = read_generation_config(directory)
     ids = token_ids(config, tokenizer, generation)
     with empty_weights():
-        model = Qwen2_5_VL(text, vision, ids.image, ids.video)
+        model = QwenVL(text, VisionTransformer(vision), ids.image, ids.video)
     load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device, tied=TIED)
     model.eval()
     build_inputs = QwenVLInputs(tokenizer, VisionSettings.from_dir(directory), ids, vision.tokens_per_second)

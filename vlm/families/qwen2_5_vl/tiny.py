@@ -8,8 +8,8 @@ from typing import Any
 
 from ... import tiny
 from ...layers.decoder import DecoderConfig
-from .model import Qwen2_5_VL
-from .vision import VisionConfig
+from ...layers.qwen_vl import QwenVL
+from .vision import VisionConfig, VisionTransformer
 
 # Qwen2.5's added tokens after the Qwen2-VL ones (151657...).
 EXTRA_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
@@ -32,10 +32,10 @@ def write_tiny(out_dir: Path, seed: int = 0, text: dict[str, Any] | None = None,
     text_cfg = {**TEXT, **(text or {})}
     vision_cfg = {**VISION, **(vision or {}), "out_hidden_size": text_cfg["hidden_size"]}
 
-    def build(config: dict[str, Any], ids: dict[str, int]) -> Qwen2_5_VL:
+    def build(config: dict[str, Any], ids: dict[str, int]) -> QwenVL:
         decoder = DecoderConfig.from_dict(config)
-        return Qwen2_5_VL(decoder, VisionConfig.from_dict(vision_cfg, decoder.hidden_size), ids["<|image_pad|>"],
-                          ids["<|video_pad|>"])
+        vision = VisionConfig.from_dict(vision_cfg, decoder.hidden_size)
+        return QwenVL(decoder, VisionTransformer(vision), ids["<|image_pad|>"], ids["<|video_pad|>"])
 
     return tiny.write_qwen_vl(out_dir, build, NAMES, text_cfg, vision_cfg, {**PROCESSOR, **(processor or {})},
                               generation, seed, tie_word_embeddings, shard_bytes, EXTRA_TOKENS)

@@ -7,8 +7,8 @@ from typing import Any
 
 from ... import tiny
 from ...layers.decoder import DecoderConfig
-from .model import Qwen2VL
-from .vision import VisionConfig
+from ...layers.qwen_vl import QwenVL
+from .vision import VisionConfig, VisionTransformer
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[2, 3, 3], max_position_embeddings=4096)
@@ -26,10 +26,10 @@ def write_tiny(out_dir: Path, seed: int = 0, text: dict[str, Any] | None = None,
     text_cfg = {**TEXT, **(text or {})}
     vision_cfg = {**VISION, **(vision or {}), "hidden_size": text_cfg["hidden_size"]}
 
-    def build(config: dict[str, Any], ids: dict[str, int]) -> Qwen2VL:
+    def build(config: dict[str, Any], ids: dict[str, int]) -> QwenVL:
         decoder = DecoderConfig.from_dict(config)
-        return Qwen2VL(decoder, VisionConfig.from_dict(vision_cfg, decoder.hidden_size), ids["<|image_pad|>"],
-                       ids["<|video_pad|>"])
+        vision = VisionConfig.from_dict(vision_cfg, decoder.hidden_size)
+        return QwenVL(decoder, VisionTransformer(vision), ids["<|image_pad|>"], ids["<|video_pad|>"])
 
     return tiny.write_qwen_vl(out_dir, build, NAMES, text_cfg, vision_cfg, {**PROCESSOR, **(processor or {})},
                               generation, seed, tie_word_embeddings, shard_bytes)
