@@ -202,12 +202,14 @@ class SessionManager:
         return family in self._remote
 
     def slots(self, family: str) -> int | None:
-        """How many of `family`'s requests run at once (None: as many as its engine's KV budget holds)."""
+        """How many of `family`'s requests run at once outside an engine (None: a local chat family, whose
+        engine batches up to `family_concurrency` requests, or as many as its KV budget holds, and queues
+        the others)."""
         if self.is_remote(family):
             return self.remote_concurrency
         if is_segmentation(family):
             return self.concurrency or 1
-        return self.concurrency
+        return None
 
     def check_text(self, conversation: Any) -> None:
         """Raise InputError when a message or the whole conversation has more text than the caps allow
