@@ -277,4 +277,4 @@ def test_the_overlay_is_redrawn_for_the_labels_shown_and_downloads_under_the_inp
 def test_the_console_says_when_it_serves_tiny_checkpoints(server):
     log = server.log.read_text()  # this server's qwen2_vl is a local directory (tests/test_app.py), not tiny
     assert re.search(r"WARNING vlm\.ui: Serving tiny random checkpoints \(the answers are random\) for qwen2_5_vl, "
-                     r"llava_onevision, groupvit, glm4v, glm4: VLM_TINY=1 is set\.", log), log[:2000]
+                     r"llava_onevision, groupvit, glm4v, glm4, idefics: VLM_TINY=1 is set\.", log), log[:2000]
