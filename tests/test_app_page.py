@@ -129,6 +129,7 @@ def test_a_text_only_family_offers_no_media_and_refuses_them_before_sending(page
     assert not page.get_by_text("Thinking", exact=True).is_visible()  # GLM-4-0414 does not think
     page.screenshot(path=str(ARTIFACTS / "page_text_only.png"), full_page=True)
     page.get_by_text("Write a haiku about a bicycle in the rain.").click()
+    page.wait_for_function("document.querySelector('#chat-input textarea').value.includes('haiku')")
     assert "tokens" in send(page)
 
     api = Api(server.url)  # a request that sends glm4 an image anyway is refused before anything runs
@@ -186,15 +187,14 @@ def test_progress_has_numbers_before_and_while_streaming(page):
 def test_the_cost_shown_before_sending_is_what_the_answer_reports(page):
     set_number(page, "max-new-tokens", 3, accordion="Sampling")
     assert not page.locator("#cost").is_visible()
+    page.fill("#chat-input textarea", "Compare them.")  # typed first: the estimate that shows the files counts it
     attach(page, ROOT / "assets" / "shapes.png", ROOT / "assets" / "bouncing_ball.mp4")
-    page.fill("#chat-input textarea", "Compare them.")
     page.wait_for_selector("#cost:has-text('bouncing_ball.mp4')")
-    page.wait_for_timeout(1000)  # the last keystroke's estimate
     text = page.locator("#cost").inner_text()
     assert re.search(r"shapes\.png \d+ visual tokens \(640×480\)", text) and "6 frames" in text, text
     assert "of 4,096 left" in text
     expected = cost_of(page)
-    answer = send(page, "Compare them.")
+    answer = send(page)
     assert footer_of(answer) == expected
     attach(page, ROOT / "assets" / "cat.png")
     page.wait_for_selector("#cost:has-text('s to the first token')")  # measured on the first answer
@@ -262,8 +262,8 @@ def test_the_overlay_is_redrawn_for_the_labels_shown_and_downloads_under_the_inp
     page.click("#segment")
     overlay = page.locator("#seg-overlay img")
     overlay.wait_for()
-    page.locator("#seg-labels label:has-text('sofa')").click()  # hidden (the legend: test_groupvit_overlay.py)
     before = overlay.get_attribute("src")
+    page.locator("#seg-labels label:has-text('sofa')").click()  # hidden (the legend: test_groupvit_overlay.py)
     page.wait_for_function("before => document.querySelector('#seg-overlay img').src !== before", arg=before)
     with page.expect_download() as download:
         page.locator("#seg-overlay button[aria-label='Download'], #seg-overlay a[download]").first.click()
