@@ -175,7 +175,8 @@ def test_progress_has_numbers_before_and_while_streaming(page):
     attach(page, ROOT / "assets" / "bouncing_ball.mp4")
     answer = send(page, "What happens in this video?")
     seen = page.evaluate("window.seen.chat")
-    assert any(re.search(r"Decoding the video: frame \d+ of 6", text) for text in seen), seen
+    steps = r"Decoding the video: frame \d+ of 6|Encoding the images and videos: 1 of 1|Reading the prompt: [\d,]+ of"
+    assert any(re.search(steps, text) for text in seen), seen  # which ones the page redraws in time varies
     live = [text for text in seen if re.search(r"\d+ tokens · [\d.]+ tokens/s", text) and "first token" not in text]
     assert len(live) >= 2, seen  # the count and speed grow as the answer streams
     assert re.search(r"[\d.]+ tokens/s · 300 tokens · \d+ prompt tokens · \d+ visual tokens · token limit reached",
