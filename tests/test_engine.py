@@ -280,3 +280,26 @@ def test_cancel_while_an_image_is_encoded_returns_at_once(qwen, monkeypatch):
     handle = engine.submit(request(qwen, image("cat.png"), cancel=cancel))
     assert list(handle) == [] and handle.finish_reason == "cancelled"
     assert time.monotonic() - started < 0.3 + 0.5  # within a vision block of the cancel
+
+
+EXIT_CHILD = """
+import sys, vlm
+pipe = vlm.load(sys.argv[1], dtype="float32")
+pipe.stop_ids = set()
+deltas = pipe.stream([{"role": "user", "content": "Go on."}], max_new_tokens=100000)
+next(deltas), next(deltas)
+print("exiting mid-answer", flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_while_an_engine_is_mid_answer(tmp_path):
+    """At exit the running schedulers are stopped between two steps (a daemon thread inside a torch op
+    while the interpreter finalizes aborts the process)."""
+    import subprocess
+    import sys
+
+    directory = vlm.tiny.write("qwen2_vl", tmp_path / "q")
+    out = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(directory)], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert out.returncode == 0 and "exiting mid-answer" in out.stdout, out.stderr[-2000:]
+    assert "terminate called" not in out.stderr

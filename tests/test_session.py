@@ -403,15 +403,18 @@ def test_a_generation_shows_each_step_before_its_first_token(tiny_qwen, monkeypa
     assert prompt[-1].done == prompt[-1].total == last.stats.prompt_tokens == last.stats.prefilled_tokens
     assert last.step is None and last.stats.tokens == 6
 def test_requests_wait_in_the_engine_queue_told_their_place_and_can_cancel_there(endless, tmp_path):
-    """One request in a family's batch (VLM_CONCURRENCY=1): the second waits, its status says how many are
-    ahead; it can be cancelled while waiting; another family is not held up."""
-    manager = SessionManager(dtype="float32", family_concurrency=1)
+    """A KV budget that holds one request: the second waits in the engine's queue, its status says how many
+    are ahead; it can be cancelled while waiting; another family is not held up."""
+    manager = SessionManager(dtype="float32")
+    pipe = manager.get("qwen2_vl", endless)
+    one = pipe.model.cache_spec().nbytes(pipe.encode(TEXT)["input_ids"].shape[1] + 2000)
+    pipe.engine_options["kv_budget_bytes"] = one + one // 2
     first = manager.generate("qwen2_vl", endless, TEXT, max_new_tokens=2000)
     for snap in first.updates(0.01):
         if snap.answer:
             break
     cancel = threading.Event()
-    second = manager.generate("qwen2_vl", endless, TEXT, cancel, max_new_tokens=4)
+    second = manager.generate("qwen2_vl", endless, TEXT, cancel, max_new_tokens=2000)  # does not fit beside it
     deadline = time.monotonic() + 120  # a bound on a hang, not a speed: the machine may be loaded
     while "1 request(s) ahead" not in second.snapshot().status:
         assert time.monotonic() < deadline, second.snapshot().status

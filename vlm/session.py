@@ -181,8 +181,8 @@ class SessionManager:
     # ------------------------------------------------------------------------------------- requests
     @contextmanager
     def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
-        """Wait for one of `family`'s slots (a remote or segmentation family: a local chat family's requests
-        wait in its engine's queue instead, and go on at once); yields False if `cancel` was set while waiting."""
+        """Wait for one of `family`'s slots (none for a local chat family without `family_concurrency`: its
+        requests wait in its engine's queue, told their place); yields False if `cancel` was set while waiting."""
         if self.slots(family) is None:
             yield True
             return
@@ -202,14 +202,13 @@ class SessionManager:
         return family in self._remote
 
     def slots(self, family: str) -> int | None:
-        """How many of `family`'s requests run at once outside an engine (None: a local chat family, whose
-        engine batches up to `family_concurrency` requests, or as many as its KV budget holds, and queues
-        the others)."""
+        """How many of `family`'s requests run at once (None: as many as its engine's KV budget holds); a
+        local chat family's engine batches them, a UI may admit as many at a time."""
         if self.is_remote(family):
             return self.remote_concurrency
         if is_segmentation(family):
             return self.concurrency or 1
-        return None
+        return self.concurrency
 
     def check_text(self, conversation: Any) -> None:
         """Raise InputError when a message or the whole conversation has more text than the caps allow

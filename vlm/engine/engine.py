@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -21,6 +23,8 @@ from .pace import Pace
 from .turns import Turns
 
 TOKEN, END, ERROR = "token", "end", "error"
+EXIT_SECONDS = 10  # how long the interpreter's exit waits for a scheduler to leave its step
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Engine:
         self._running: list[_Sequence] = []
         self._reserved = 0  # bytes of the running requests' caches
         self._thread: threading.Thread | None = None
+        _engines.add(self)
 
     # ------------------------------------------------------------------------------------------ public
     def submit(self, request: Request) -> Handle:
@@ -202,6 +207,15 @@ class Engine:
     def clear(self) -> None:
         """Forget the KV caches kept for reuse."""
         self.prefixes.clear()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel every request and wait (up to `timeout` seconds) for the scheduler thread to end."""
+        with self._lock:
+            for sequence in [*self._waiting, *self._running]:
+                sequence.handle.cancel()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     # --------------------------------------------------------------------------------------- scheduler
     def _serve(self) -> None:
@@ -376,3 +390,11 @@ def default_kv_budget(device: torch.device) -> int:
     except (OSError, StopIteration, ValueError):
         available = 8 << 30
     return available // 4
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """At exit, end the schedulers between two steps: a daemon thread still inside a torch op while the
+    interpreter finalizes aborts the process ("terminate called without an active exception")."""
+    for engine in list(_engines):
+        engine.stop(EXIT_SECONDS)
