@@ -157,7 +157,7 @@ def test_prompt_longer_than_the_context(pipe):
 
 
 PEAK_SCRIPT = """
-import ctypes, re, sys, vlm, vlm.families.qwen2_vl as family
+import ctypes, re, sys, vlm, vlm.layers.qwen_vl as family
 import vlm.checkpoint as checkpoint
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
