@@ -24,7 +24,7 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     from .checkpoint import read_config, resolve_device, resolve_dtype
     from .families import detect_family
     from .hub import resolve
-    from .layers.linear import pack_linears
+    from .layers.linear import fuse_linears, pack_linears
     from .quantize import check_method, quantize
 
     torch_device = resolve_device(device)
@@ -36,5 +36,6 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     if quantization is not None:
         quantize(pipe.model, quantization)
         pipe.clear_caches()
+    fuse_linears(pipe.model)
     pack_linears(pipe.model)
     return pipe

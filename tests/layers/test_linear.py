@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.layers.linear import PackedLinear, pack_linears, packing_supported
+from vlm.layers.linear import PackedLinear, fuse_linears, pack_linears, packing_supported
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.device("cpu")),
                                 reason="this torch build has no oneDNN")
@@ -54,7 +54,8 @@ def test_attention_and_mlp_fuse_their_projections():
     x = torch.randn(1, 3, 64)
     with torch.inference_mode():
         expected = mlp(x), attention.project(x)
-        pack_linears(attention), pack_linears(mlp)
+        for module in (attention, mlp):
+            fuse_linears(module), pack_linears(module)
         assert not hasattr(attention, "q_proj") and isinstance(attention.qkv_proj, PackedLinear)
         assert not hasattr(mlp, "gate_proj") and isinstance(mlp.gate_up_proj, PackedLinear)
         assert isinstance(attention.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)

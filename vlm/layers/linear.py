@@ -68,11 +68,38 @@ class PackedLinear(nn.Module):
         return out if len(self.sizes) == 1 else out.split(self.sizes, dim=-1)
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Pack `model`'s linears where dtype and device allow; modules with `fuse_projections` fuse theirs first."""
+    def as_linear(self) -> nn.Linear:
+        """The unpacked linears as one nn.Linear (concatenated outputs), e.g. to quantize them together."""
+        if self.packed is not None:
+            raise ValueError("as_linear() needs the weights before packing")
+        weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]
+        linear = nn.Linear(self.in_features, weight.shape[0], bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+
+class SplitOutputs(nn.Module):
+    """Runs `inner` and splits its output into `sizes` (what a fused PackedLinear returns), e.g. quantized q/k/v."""
+
+    def __init__(self, inner: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.inner, self.sizes = inner, sizes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inner(x).split(self.sizes, dim=-1)
+
+
+def fuse_linears(model: nn.Module) -> None:
+    """Let modules with `fuse_projections` fuse theirs (q/k/v, gate/up) where dtype and device allow."""
     for module in list(model.modules()):
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Pack `model`'s remaining plain linears where dtype and device allow (after `fuse_linears`)."""
     targets = [name for name, module in model.named_modules() if packable(module)]
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
