@@ -33,9 +33,9 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     config = read_config(directory)
     family = detect_family(config)
     pipe = family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
+    fuse_linears(pipe.model)  # before quantizing, so fused projections are quantized (and run) as one
     if quantization is not None:
         quantize(pipe.model, quantization)
         pipe.clear_caches()
-    fuse_linears(pipe.model)
     pack_linears(pipe.model)
     return pipe
