@@ -55,7 +55,7 @@ def run_peer(args, run, measure_bandwidth) -> dict:
         row["ours_roofline_fraction"] = row["ours_decode_tok_s"] * row["ours_decode_bytes"] / bandwidth
         row["llama_roofline_fraction"] = row["llama_decode_tok_s"] * row["llama_decode_bytes"] / bandwidth
     return {"bandwidth_gb_s": bandwidth / 1e9, "bandwidth_samples_gb_s": [b / 1e9 for b in bandwidths],
-            "rows": rows, "quality": qualities}
+            "prompt_tokens": args.prompt, "decode_tokens": args.gen, "rows": rows, "quality": qualities}
 
 
 def _median(results: list[dict], key: str) -> float:
@@ -96,7 +96,8 @@ def to_markdown(report: dict) -> str:
              f"{report['bandwidth_gb_s']:.1f} GB/s (median of {samples}); {report['date']}. Batch 1, medians of "
              "interleaved runs; roofline = decode tok/s x bytes read per token / bandwidth.", "",
              "| model | precision (llama.cpp type, its head) | decode tok/s: ours | llama.cpp | ours / llama.cpp | "
-             "transformers (bf16) | roofline: ours | llama.cpp | prompt 512 tok/s: ours | llama.cpp | ours / llama.cpp |",
+             f"transformers (bf16) | roofline: ours | llama.cpp | prompt {report['prompt_tokens']} tok/s: ours | llama.cpp | "
+             "ours / llama.cpp |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         reference = f"{r['reference_decode_tok_s']:.1f}" if "reference_decode_tok_s" in r else "-"
