@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vlm.bench import scenarios as s  # noqa: E402
 
-MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import vlm.tiny
+from tests.app_client import Api, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "app"
@@ -34,12 +35,6 @@ ANSWERS_WITH_STATS = ("[...document.querySelectorAll('#chatbot [data-testid=bot]
 pytestmark = pytest.mark.timeout(600)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def endless_qwen2_vl(directory: Path) -> Path:
     """A tiny Qwen2-VL whose end-of-sequence id is out of its vocabulary: answers run to max_new_tokens
     (2048 take ~10 s here, so a streaming answer is still running when a test looks at it)."""
@@ -52,14 +47,23 @@ def endless_qwen2_vl(directory: Path) -> Path:
     return directory
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen
+    cache: Path  # VLM_CACHE_DIR: where the tiny checkpoints are written
+    log: Path  # the app's output
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The app's URL and process, started like the README says, with tiny checkpoints and no network."""
+    """The app, started like the README says (`python app.py`), with tiny checkpoints and no network."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("log") / "app.log").open("w")
+    log_path, cache = tmp_path_factory.mktemp("log") / "app.log", tmp_path_factory.mktemp("tiny")
+    log = log_path.open("w")
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLM_TINY": "1",
-        "VLM_CACHE_DIR": str(tmp_path_factory.mktemp("tiny")),
+        "VLM_CACHE_DIR": str(cache), "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
         "VLM_MODEL_QWEN2_VL": str(endless_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))),
         "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
         "VLM_CONCURRENCY": "2",  # two users of one family at once (test_closing_a_tab_...)
@@ -76,7 +80,7 @@ def server(tmp_path_factory):
                 process.kill()
                 pytest.fail(f"app.py did not start; see {log.name}")
             time.sleep(0.5)
-    yield url, process
+    yield Server(url, process, cache, log_path)
     process.terminate()
     try:
         process.wait(30)
@@ -103,7 +107,7 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(120_000)
-    open_app(page, server[0])
+    open_app(page, server.url)
     yield page
     context.close()
 
@@ -158,7 +162,7 @@ def wait_for_growth(page, updates: int = 4, timeout: float = 120) -> list[int]:
 def server_cpu(server) -> float:
     import psutil
 
-    return psutil.Process(server[1].pid).cpu_percent(interval=1.0)
+    return psutil.Process(server.process.pid).cpu_percent(interval=1.0)
 
 
 def test_banner_says_answers_are_random(page):
@@ -181,6 +185,18 @@ def test_a_load_failure_is_a_message_and_the_app_keeps_working(page):
     page.wait_for_selector("#chatbot :text('visual tokens')")
 
 
+def test_qwen2_5_vl_is_offered_and_answers_offline(page):
+    page.click("#family input")
+    page.get_by_role("option", name="qwen2_5_vl").click()
+    page.wait_for_selector("#model-status:has-text('qwen2_5_vl ready')")
+    assert "tiny random (qwen2_5_vl)" in page.locator("#model-status").inner_text()
+    set_number(page, "max-new-tokens", 3, accordion="Sampling")
+    ask(page, "Where is the red square?", "shapes.png")
+    page.wait_for_selector("#chatbot :text('visual tokens')")
+    assert int(last_answer(page).split(" visual tokens")[0].rsplit("· ", 1)[-1]) > 0
+    page.screenshot(path=str(ARTIFACTS / "chat_qwen2_5_vl.png"), full_page=True)
+
+
 def test_chat_streams_and_stops(page, server):
     set_number(page, "max-new-tokens", 2048, accordion="Sampling")
     assert page.locator("#stop").is_disabled()  # nothing to stop yet
@@ -191,10 +207,11 @@ def test_chat_streams_and_stops(page, server):
 
     page.click("#stop")
     page.wait_for_selector("#chatbot [data-testid='bot'] >> text=stopped", timeout=30_000)
-    stopped = last_answer(page)
-    assert "to first token" in stopped and "visual tokens" in stopped
+    stopped = page.locator("#chatbot [data-testid='bot']", has_text="to first token").last.inner_text()
+    assert "visual tokens" in stopped  # from the request's own inputs (boxes in the random text may follow it)
+    shown = last_answer(page)
     page.wait_for_timeout(1000)
-    assert last_answer(page) == stopped  # nothing more arrives
+    assert last_answer(page) == shown  # nothing more arrives
     assert server_cpu(server) < 50  # the model is idle again: its thread ended
     assert page.locator("#chat-input textarea").is_enabled()
     page.wait_for_selector("#stop:disabled")
@@ -241,7 +258,7 @@ def test_closing_a_tab_cancels_only_that_users_generation(browser, server):
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         page.set_default_timeout(120_000)
-        open_app(page, server[0])
+        open_app(page, server.url)
         set_number(page, "max-new-tokens", 2048, accordion="Sampling")
         pages.append(page)
     for page in pages:  # both ask at once: neither answer (2048 tokens) can end while the other page is set up
@@ -281,7 +298,7 @@ def test_segmentation_overlay(page):
 def test_api_chat_and_segment(server):
     from gradio_client import Client, handle_file
 
-    client = Client(server[0], verbose=False)
+    client = Client(server.url, verbose=False)
     answer = client.predict(
         message={"text": "Describe the picture.", "files": [handle_file(str(ROOT / "assets" / "shapes.png"))]},
         family="qwen2_vl", max_new_tokens=12, api_name="/chat")
@@ -293,24 +310,87 @@ def test_api_chat_and_segment(server):
     assert areas["background"] == 0.0 and abs(sum(areas.values()) - 100) < 0.5
 
 
+# Checkpoint values an attacker sends (the hidden Checkpoint box of /chat, the page's own events by fn_index):
+# once each deleted or created directories, or loaded GroupViT into Qwen2-VL's place for every user.
+CHECKPOINT_ATTACKS = ["tiny:../victim", "tiny:../../victim", "tiny:../../**/victim", "tiny:*", "tiny:",
+                      "tiny:../../made_by_attacker/sub/x", "tiny:groupvit", "tiny random (groupvit)",
+                      "tiny random (../victim)", "../victim", "/etc", str(ROOT), "~"]
+
+
+def chat_values(checkpoint: str, family: str = "qwen2_vl") -> list:
+    """The /chat endpoint's inputs: message, family, checkpoint, system, sampling and media settings."""
+    return [{"text": "hi", "files": []}, family, checkpoint, "", 4, 0, 1, 0, 1, -1, 0, 2.0, 0, -1]
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_no_request_deletes_or_creates_a_directory(server):
+    """Every checkpoint a request names is checked against the server's list before anything runs."""
+    cache = server.cache
+    victims = [cache.parent / "victim-1", cache.parent.parent / "victim-2", cache / "victim-3",
+               cache / "qwen2_vl-0123456789"]  # the last looks like a stale tiny checkpoint
+    for victim in victims:
+        victim.mkdir(exist_ok=True)
+        (victim / "keep").write_text("mine")
+    before = tree(cache.parent)
+    refusals = server.log.read_text().count("refused: ")
+    api = Api(server.url)
+    for attack in CHECKPOINT_ATTACKS:
+        outcomes = {
+            "/chat": api.call("chat", chat_values(attack)),
+            "load_model": api.event("load_model", ["qwen2_vl", attack]),
+            "respond": api.event("respond", [None] + chat_values(attack)[1:]),
+        }
+        if attack != "tiny random (groupvit)":  # GroupViT's own (the segmentation tab's only family)
+            outcomes["/segment"] = api.call("segment", [None, "cat", "groupvit", attack, 0.0, 0.5, True])
+        for route, (kind, payload) in outcomes.items():
+            assert kind == "error" and "checkpoint" in payload["error"], (attack, route, payload)
+            assert str(ROOT) not in json.dumps(payload) or attack == str(ROOT), payload
+    assert all((victim / "keep").read_text() == "mine" for victim in victims)
+    assert tree(cache.parent) == before and not list(cache.parent.parent.glob("made_by_attacker"))
+    assert api.call("chat", chat_values("tiny random (qwen2_vl)", "glm4"))[0] == "error"  # not glm4's
+    assert api.call("chat", chat_values(""))[0] == "answer"  # the family's own checkpoint still answers
+    log = server.log.read_text()
+    assert log.count("refused: ") - refusals >= 3 * len(CHECKPOINT_ATTACKS) and "Traceback" not in log
+
+
 # ------------------------------------------------------------------------------------ the UI's pieces
 def test_settings_and_checkpoints_without_hub(tmp_path):
     from vlm.families import FAMILIES
-    from vlm.ui.checkpoints import Catalog
+    from vlm.ui.checkpoints import Catalog, code_hash
     from vlm.ui.settings import Settings
 
+    stale, current, other = tmp_path / "qwen2_vl-0123456789", tmp_path / f"qwen2_vl-{code_hash()}", tmp_path / "mine"
+    for directory in (stale, current, other):
+        directory.mkdir()
     settings = Settings.from_env({"VLM_TINY": "1", "VLM_CACHE_DIR": str(tmp_path), "VLM_MODEL_GLM4V": "/m/glm",
                                   "VLM_MEMORY_BUDGET_GB": "2", "VLM_MAX_IMAGES": "3"})
     assert settings.memory_budget_bytes == 2 * 2**30 and settings.limits.max_images == 3
     catalog = Catalog.discover(settings)
+    assert not stale.exists() and current.exists() and other.exists()  # only older tiny checkpoints go, at startup
     assert not catalog.hub_reachable  # VLM_TINY: the hub is not even asked
-    assert catalog.default("glm4v") == "/m/glm" and catalog.default("qwen2_vl") == "tiny:qwen2_vl"
+    assert catalog.default_source("glm4v") == "/m/glm" and catalog.default_source("qwen2_vl") == "tiny:qwen2_vl"
+    assert catalog.default_source("qwen2_5_vl") == "tiny:qwen2_5_vl"
+    assert catalog.choices("glm4v") == ["glm (local directory)", "THUDM/GLM-4.1V-9B-Thinking", "tiny random (glm4v)"]
+    assert catalog.source("glm4v", "glm (local directory)") == "/m/glm"  # pages name it without its path
     assert set(catalog.tiny_families()) == set(FAMILIES) - {"glm4v"}
     assert "answers are random" in catalog.banner() and "VLM_MODEL_" in catalog.banner()
-    with pytest.raises(vlm.errors.ModelNotFoundError, match="VLM_CUSTOM_CHECKPOINTS"):
-        catalog.resolve("someone/else")
+    for family, choice in [("qwen2_vl", "tiny random (groupvit)"), ("qwen2_vl", "tiny:qwen2_vl"), ("qwen2_vl", "/m/glm"),
+                           ("qwen3", "tiny random (qwen2_vl)")]:
+        with pytest.raises(vlm.errors.InputError):
+            catalog.source(family, choice)
+    for source in ("someone/else", "tiny:../victim", "tiny:nonexistent"):
+        with pytest.raises(vlm.errors.ModelNotFoundError, match="VLM_CUSTOM_CHECKPOINTS"):
+            catalog.resolve(source)
     tiny = catalog.resolve("tiny:qwen2_vl")
     assert (tiny / "config.json").is_file() and catalog.resolve("tiny:qwen2_vl") == tiny  # written once
+    custom = Catalog.discover(Settings.from_env({"VLM_TINY": "1", "VLM_CACHE_DIR": str(tmp_path),
+                                                 "VLM_CUSTOM_CHECKPOINTS": "1"}))
+    assert custom.source("qwen2_vl", "someone/else") == "someone/else"  # an operator's choice, a hub id
+    with pytest.raises(vlm.errors.InputError):
+        custom.source("qwen2_vl", "tiny:../victim")  # never a tiny source
 
 
 def test_request_options():
@@ -352,3 +432,34 @@ def test_turns_render_thinking_stats_errors_and_boxes():
     boxed = draw_boxes("<|begin_of_box|>[406, 500, 625, 792]<|end_of_box|>", image)
     assert boxed.size == (640, 480) and boxed.getpixel((260, 240)) != (30, 136, 229)  # the square's edge is drawn
     assert draw_boxes("no boxes here", image) is None
+    half = draw_boxes('[{"bbox_2d": [10, 10, 100, 100], "label": "cat"}, {"point_2d": [250, 200]}]', image,
+                      lambda width, height: (width / 2, height / 2))  # pixels of the image resized to half
+    orange, sky = (230, 159, 0), (86, 180, 233)  # the palette's first two colours
+    assert half.getpixel((22, 24)) == orange  # the label's background at the box's corner (20, 20)
+    assert half.getpixel((200, 120)) == orange and half.getpixel((500, 400)) == sky  # right edge; the point
+
+
+def test_boxes_are_drawn_in_the_familys_coordinates(tmp_path, monkeypatch):
+    """Qwen2.5-VL's boxes are pixels of the image as its processor resized it (with the request's max_pixels):
+    the chat draws them at the same place of the original picture."""
+    from vlm.session import SessionManager, Snapshot
+    from vlm.ui import chat
+    from vlm.ui.turns import ChatState, Turn, draw_boxes, user_turn
+
+    drawn = []  # what the chat shows, before Gradio stores it (lossily)
+    monkeypatch.setattr(chat, "draw_boxes", lambda *args: drawn.append(draw_boxes(*args)) or drawn[-1])
+
+    manager = SessionManager(dtype="float32")
+    source = str(vlm.tiny.write("qwen2_5_vl", tmp_path / "qwen2_5_vl"))
+    pipe = manager.get("qwen2_5_vl", source)
+    image = str(ROOT / "assets" / "shapes.png")  # 640x480
+    state = ChatState()
+    state.turns.append(Turn(user_turn("Where?", [image])[0], 0))
+    tab = chat.ChatTab(manager, None, ["qwen2_5_vl"], None, None)  # boxes() needs neither the catalog nor the gate
+    frames = [pipe.box_frame(640, 480, max_pixels=max_pixels) for max_pixels in (None, 28 * 28 * 16)]
+    assert frames[0] != frames[1] and (640, 480) not in frames
+    for max_pixels, (width, height) in zip((None, 28 * 28 * 16), frames):
+        answer = f'```json\n[{{"bbox_2d": [0, 0, {width // 2}, {height}], "label": "left"}}]\n```'
+        assert len(tab.boxes(Snapshot(1, "", "", answer, done=True), state, "qwen2_5_vl", {"max_pixels": max_pixels}))
+        assert drawn[-1].getpixel((320, 240)) == (230, 159, 0)  # the left half's right edge, at x = 320
+    assert tab.boxes(Snapshot(1, "", "", "none", done=True), state, "qwen2_5_vl", {}) == ()

@@ -1,4 +1,5 @@
-"""vlm.boxes: GLM and Qwen box markup parsed into image-relative boxes; malformed boxes are skipped."""
+"""vlm.boxes: GLM and Qwen2-VL box markup and Qwen2.5-VL JSON boxes and points parsed into image-relative
+boxes (from a 0..1000 grid or pixels of the resized image); malformed boxes are skipped."""
 
 from __future__ import annotations
 
@@ -72,3 +73,51 @@ def test_strip_markup_keeps_coordinates_and_labels():
 
 def test_box_is_a_value():
     assert Box(0.1, 0.2, 0.3, 0.4) == Box(0.1, 0.2, 0.3, 0.4)
+
+
+# Qwen2.5-VL answers (formats of its grounding cookbook): pixels of the image as resized for the model.
+FENCED = """```json
+[
+\t{"bbox_2d": [135, 114, 1016, 672], "label": "person"},
+\t{"bbox_2d": [ 30, 0, 200, 80 ], "label": "umbrella"}
+]
+```"""
+
+
+def test_json_boxes_in_a_fence_mapped_from_the_resized_image():
+    boxes = parse_boxes(FENCED, frame=(1120, 840))  # e.g. a 4000x3000 photo resized to 1120x840
+    assert _coords(boxes) == [(135 / 1120, 114 / 840, 1016 / 1120, 672 / 840, "person"),
+                              (30 / 1120, 0, 200 / 1120, 80 / 840, "umbrella")]
+    assert boxes[0].pixels(4000, 3000) == (482, 407, 3629, 2400)
+    assert FENCED[boxes[1].start:boxes[1].end] == '{"bbox_2d": [ 30, 0, 200, 80 ], "label": "umbrella"}'
+
+
+@pytest.mark.parametrize("text", [
+    '[{"bbox_2d": [10, 20, 30, 40], "label": "cat"}]',  # no fence
+    'The cat: {"bbox_2d": [10, 20, 30, 40], "label": "cat"}.',  # one object in prose
+    '```json\n[{"bbox_2d": [10, 20, 30, 40], "label": "cat"}, {"bbox_2d": [10, 20',  # a list cut short
+])
+def test_json_box_variants(text):
+    assert _coords(parse_boxes(text, frame=(100, 200))) == [(0.1, 0.1, 0.3, 0.2, "cat")]
+
+
+def test_json_points_and_boxes_without_labels():
+    text = '[{"point_2d": [50, 100], "label": "nose"}, {"point_2d": [0, 0]}, {"bbox_2d": [0, 0, 100, 200]}]'
+    boxes = parse_boxes(text, frame=(100, 200))
+    assert _coords(boxes) == [(0.5, 0.5, 0.5, 0.5, "nose"), (0, 0, 0, 0, None), (0, 0, 1, 1, None)]
+    assert [b.is_point for b in boxes] == [True, True, False]
+
+
+@pytest.mark.parametrize("text", [
+    '{"bbox_2d": [10, 20, 30]}', '{"bbox_2d": [30, 20, 10, 40]}', '{"bbox_2d": [10, 20, 300, 40]}',
+    '{"bbox_2d": ["10", 20, 30, 40]}', '{"bbox_2d": [true, 20, 30, 40]}', '{"point_2d": [10]}',
+    '{"point_2d": [-1, 5]}', '{"label": "cat"}', '{bbox_2d: [1, 2, 3, 4]}', '{"bbox_2d": [1, 2, 3, 4]',
+])
+def test_malformed_json_boxes_are_skipped(text):
+    assert parse_boxes(text, frame=(100, 100)) == []
+
+
+def test_the_frame_decides_the_scale():
+    text = '{"bbox_2d": [100, 100, 200, 200]}'
+    assert _coords(parse_boxes(text)) == [(0.1, 0.1, 0.2, 0.2, None)]  # the 0..1000 grid by default
+    assert _coords(parse_boxes(text, frame=(400, 200))) == [(0.25, 0.5, 0.5, 1, None)]

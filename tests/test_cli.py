@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(ROOT, "assets", "cat.png")
 
 
 def _run(*args, timeout=300):
@@ -31,3 +32,28 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert _run("tiny", "nonexistent_family", str(tmp_path / "x")).returncode == 2
+
+
+def test_a_checkpoint_of_the_other_kind_is_a_one_line_error(tmp_path):
+    chat, groupvit = tmp_path / "chat", tmp_path / "groupvit"
+    assert _run("tiny", "qwen2_vl", str(chat)).returncode == 0 and _run("tiny", "groupvit", str(groupvit)).returncode == 0
+    for args, message in [(("segment", str(chat), "--image", IMAGE, "--labels", "cat", "--out", str(tmp_path / "o.png")),
+                           "is a qwen2_vl checkpoint, which `segment` cannot use: try `python -m vlm chat`"),
+                          (("chat", str(groupvit), "hi"), "is a groupvit checkpoint, which `chat` cannot use")]:
+        result = _run(*args, "--dtype", "float32")
+        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    import pytest
+
+    import vlm.tiny
+    from vlm.errors import InputError
+    from vlm.serve import serve
+
+    result = _run("serve", str(vlm.tiny.write("groupvit", tmp_path / "g")), "--port", "9")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "segmentation model; the API serves chat models" in result.stderr
+    with pytest.raises(InputError, match="Two checkpoints of qwen2_vl were given"):
+        serve([str(vlm.tiny.write("qwen2_vl", tmp_path / n)) for n in ("a", "b")])

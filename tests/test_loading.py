@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import shutil
 
 import pytest
@@ -35,8 +37,14 @@ def test_missing_directory():
 def test_offline_hub_says_how_to_use_a_local_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(errors.HubUnreachableError, match="local-dir"):
+    with pytest.raises(errors.HubUnreachableError, match="local-dir") as caught:
         vlm.load("Qwen/Qwen2-VL-2B-Instruct")
+    message = str(caught.value)
+    command = re.search(r"`(\S+) download Qwen/Qwen2-VL-2B-Instruct --local-dir DIR`", message)
+    shipped = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points
+               if e.group == "console_scripts"}
+    assert command and command.group(1) in shipped, (message, shipped)  # a command the installed hub client has
+    assert "HF_HUB_OFFLINE" in message and not re.match(r"(?i)(cannot|could not) load", message)  # the UI says that
 
 
 def test_unknown_family_names_the_supported_ones(copy):

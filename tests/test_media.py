@@ -16,7 +16,7 @@ from transformers.image_utils import load_image as ref_load_image
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
 
-from vlm.errors import EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
+from vlm.errors import DamagedVideoError, EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
 from vlm.media import (
     load_image,
     probe_video,
@@ -233,8 +233,10 @@ def test_read_frames_order_and_end_of_stream():
 
 @pytest.mark.timeout(60)
 def test_corrupted_video_raises_but_frames_before_the_damage_decode():
-    with pytest.raises(VideoDecodeError, match="corrupted.mp4 is corrupt"):
+    with pytest.raises(DamagedVideoError, match="corrupted.mp4 is damaged: decoding fails after its first 28 "
+                                                "frames") as caught:
         read_frames(CORRUPTED, list(range(0, 50, 5)))
+    assert caught.value.decodable == 28
     # decoding stops at the last requested frame, so frames before the damage are fine
     early = read_frames(CORRUPTED, [0, 10, 20])
     assert early.shape == (3, 720, 1280, 3)

@@ -19,7 +19,7 @@ from vlm.errors import ContextLengthError, InputError
 from vlm.session import Limits, SessionManager
 from vlm.tokenizer import IncrementalDetokenizer, Tokenizer
 
-CHAT_FAMILIES = ("qwen2_vl", "llava_onevision", "glm4v", "glm4")
+CHAT_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "glm4v", "glm4")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,7 +64,7 @@ def test_a_prompt_longer_than_the_context_is_an_error_or_loses_its_oldest_exchan
     stream = pipe.stream
     pipe.stream = lambda conversation, **kw: seen.append(conversation) or stream(conversation, **kw)
     last = finish(manager.generate("qwen2_vl", short_qwen, chat, max_new_tokens=4))
-    assert last.error is None and last.finish == "stop" and last.stats.dropped_turns >= 2
+    assert last.error is None and last.finish in ("stop", "length") and last.stats.dropped_turns >= 2
     kept = seen[-1]
     assert len(kept) == len(chat) - 2 * last.stats.dropped_turns
     assert kept[0] == chat[0] and kept[-1] == chat[-1] and kept[1:] == chat[1 + 2 * last.stats.dropped_turns:]
@@ -116,7 +116,7 @@ def test_lone_surrogates_are_replaced_everywhere(pipes, short_qwen):
     for pipe in pipes.values():
         assert pipe.encode(chat)["input_ids"].shape[1] > 10
     last = finish(SessionManager(dtype="float32").generate("qwen2_vl", short_qwen, chat[-1:], max_new_tokens=3))
-    assert last.error is None and last.finish == "stop"
+    assert last.error is None and last.finish in ("stop", "length")  # answered (to its end or its budget)
 
 
 # ------------------------------------------------------------------------------------- empty messages

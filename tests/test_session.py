@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import vlm
 import vlm.tiny
 from vlm.errors import InputError
-from vlm.reasoning import Delta
+from vlm.reasoning import Delta, Report
 from vlm.session import Limits, MemoryBudgetError, SessionManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +25,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class FakePipeline:
-    """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas."""
+    """Streams `deltas` one every `delay` seconds, honouring cancel; raises after `fail_after` deltas; ends
+    with `report` (as pipelines do) unless it is None."""
 
-    def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None):
-        self.deltas, self.delay, self.fail_after = list(deltas), delay, fail_after
+    def __init__(self, deltas=("one ", "two ", "three "), delay=0.01, fail_after=None, report=None):
+        self.deltas, self.delay, self.fail_after, self.report = list(deltas), delay, fail_after, report
         self.options: dict = {}
 
     def stream(self, conversation, cancel=None, **options):
@@ -38,11 +41,14 @@ class FakePipeline:
                 return
             time.sleep(self.delay)
             yield Delta(delta, getattr(delta, "kind", "answer"), tokens=i + 1)  # one token per delta
+        if self.report is not None:
+            yield Delta("", tokens=len(self.deltas), report=self.report)
 
 
-def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), load_seconds=0.0, **kwargs):
-    """A manager whose sources are names: `sizes[name]` bytes, `make(name)` builds the pipeline, loads are
-    recorded in `manager.loads`."""
+def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), load_seconds=0.0, families=None,
+                 **kwargs):
+    """A manager whose sources are names: `sizes[name]` bytes, `families[name]` its family (unknown if
+    absent), `make(name)` builds the pipeline, loads are recorded in `manager.loads`."""
     loads: list[str] = []
 
     def load(directory):
@@ -51,7 +57,7 @@ def fake_manager(sizes=None, budget=None, make=lambda source: FakePipeline(), lo
         return make(directory)
 
     manager = SessionManager(budget, resolve=lambda source: source, estimate=lambda d: (sizes or {}).get(d, 1),
-                             load=load, **kwargs)
+                             load=load, identify=lambda d: (families or {}).get(d), **kwargs)
     manager.loads = loads
     return manager
 
@@ -143,8 +149,16 @@ def test_generation_streams_into_snapshots_with_stats():
     assert last.done and last.finish == "stop" and last.error is None
     assert last.answer == "one two three "
     assert any(not s.done and s.answer for s in snaps)  # text arrived before the end
-    assert last.stats.tokens == 3 and last.stats.visual_tokens == 0
+    assert last.stats.tokens == 3 and last.stats.visual_tokens is None  # the pipeline reported nothing
     assert last.stats.seconds_to_first_token is not None
+
+
+@pytest.mark.parametrize("reason", ["stop", "length"])
+def test_the_pipelines_report_gives_the_finish_and_the_prompt_counts(reason):
+    manager = fake_manager(make=lambda source: FakePipeline(report=Report(reason, 17, 4)))
+    last = finish(manager.generate("qwen2_vl", "q", TEXT))
+    assert (last.finish, last.answer, last.stats.tokens) == (reason, "one two three ", 3)
+    assert (last.stats.prompt_tokens, last.stats.visual_tokens) == (17, 4)
 
 
 def test_thinking_deltas_are_kept_apart():
@@ -176,7 +190,7 @@ def test_a_load_failure_is_the_generations_error():
     def load(directory):
         raise OSError("disk on fire")
 
-    manager = SessionManager(resolve=lambda s: s, estimate=lambda d: 1, load=load)
+    manager = SessionManager(resolve=lambda s: s, estimate=lambda d: 1, load=load, identify=lambda d: None)
     last = finish(manager.generate("qwen2_vl", "q", TEXT))
     assert last.finish == "error" and "disk on fire" in str(last.error)
 
@@ -227,7 +241,110 @@ def test_real_tiny_model_counts_visual_tokens_and_stops(tiny_qwen):
     manager = SessionManager(dtype="float32")
     conversation = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "Hi"}]}]
     last = finish(manager.generate("qwen2_vl", tiny_qwen, conversation, max_new_tokens=8, max_pixels=56 * 56 * 4))
-    assert last.error is None and last.finish == "stop"
+    assert last.error is None and (last.finish, last.stats.tokens) == ("length", 8)
     assert last.stats.visual_tokens == 12  # 640 x 480 resized to 112 x 84: 4 x 3 merged 28-pixel patches
+    pipe = manager.get("qwen2_vl", tiny_qwen)
+    assert last.stats.prompt_tokens == pipe.encode(conversation, max_pixels=56 * 56 * 4)["input_ids"].shape[1]
     bad = finish(manager.generate("qwen2_vl", tiny_qwen, TEXT, top_p=5.0))
     assert isinstance(bad.error, InputError) and "top_p" in str(bad.error)
+
+
+@pytest.fixture(scope="module")
+def tiny_groupvit(tmp_path_factory):
+    return str(vlm.tiny.write("groupvit", tmp_path_factory.mktemp("groupvit")))
+
+
+def test_a_checkpoint_of_another_family_is_refused_before_anything_is_unloaded(tiny_qwen, tiny_groupvit):
+    manager = SessionManager(dtype="float32")
+    qwen = manager.get("qwen2_vl", tiny_qwen)
+    with pytest.raises(InputError, match="is a groupvit checkpoint, not a qwen2_vl one"):
+        manager.get("qwen2_vl", tiny_groupvit)
+    assert manager.get("qwen2_vl", tiny_qwen) is qwen and list(manager.loaded()) == ["qwen2_vl"]
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([{"role": "user", "content": "x" * 101}], "101 characters; this server takes at most 100 per message"),
+    ([{"role": "system", "content": "x" * 101}, {"role": "user", "content": "hi"}], "at most 100 per message"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x" * 101}]}], "at most 100 per message"),
+    ([{"role": "user", "content": "x" * 90}, {"role": "assistant", "content": "y" * 200},
+      {"role": "user", "content": "z" * 90}], "The conversation has 380 characters; this server takes at most 250"),
+])
+def test_text_over_the_caps_is_refused_before_anything_runs(conversation, message):
+    manager = fake_manager(limits=Limits(max_message_chars=100, max_conversation_chars=250))
+    last = finish(manager.generate("qwen2_vl", "q", conversation))
+    assert isinstance(last.error, InputError) and message in str(last.error)
+    assert manager.loads == []  # refused before loading (or tokenizing) anything
+
+
+def test_a_ten_megabyte_message_is_refused_at_once_with_the_default_caps():
+    manager = fake_manager()
+    started = time.monotonic()
+    last = finish(manager.generate("qwen2_vl", "q", [{"role": "user", "content": "word " * 2_000_000}]))
+    assert isinstance(last.error, InputError) and "16,000 per message" in str(last.error)
+    assert manager.loads == [] and time.monotonic() - started < 5
+
+
+class SlowStart(FakePipeline):
+    """Streams forever; the first stream reads its inputs slowly (checking the cancel event, as the media and
+    prefill stages do); `encode` (what counting visual tokens re-runs) takes `encode_seconds`."""
+
+    def __init__(self, directory, start_seconds=0.0, encode_seconds=0.0):
+        super().__init__(["x "] * 100_000, delay=0.01)
+        self.directory, self.start_seconds, self.encode_seconds = directory, start_seconds, encode_seconds
+        self.streams = 0
+
+    def stream(self, conversation, cancel=None, **options):
+        self.streams += 1
+        deadline = time.monotonic() + (self.start_seconds if self.streams == 1 else 0)
+        while time.monotonic() < deadline and not cancel.is_set():
+            time.sleep(0.01)
+        yield from super().stream(conversation, cancel, **options)
+
+    def encode(self, conversation, **options):
+        time.sleep(self.encode_seconds)
+        return {"input_ids": torch.tensor([[1, 2, 3]])}
+
+
+IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image", "path": IMAGE}, {"type": "text", "text": "Hi"}]}]
+
+
+@pytest.mark.parametrize("stage", ["reading the inputs", "answering"])
+def test_stop_at_any_stage_frees_the_slot_within_a_second(tiny_qwen, stage):
+    """The slot is released as soon as the pipeline returns: nothing re-reads the media after a Stop."""
+    pipeline = SlowStart(tiny_qwen, start_seconds=30 if stage == "reading the inputs" else 0, encode_seconds=10)
+    manager = fake_manager(make=lambda source: pipeline, family_concurrency=1)
+    cancel = threading.Event()
+    first = manager.generate("qwen2_vl", "q", IMAGE_QUESTION, cancel)
+    for snap in first.updates(0.01):
+        if (snap.status.startswith("Reading") if stage == "reading the inputs" else snap.answer):
+            break
+    stopped = time.monotonic()
+    cancel.set()
+    second = manager.generate("qwen2_vl", "q", TEXT)  # waits for the family's only slot
+    while not second.snapshot().answer:
+        assert time.monotonic() - stopped < 1.0, (first.snapshot(), second.snapshot())
+        time.sleep(0.01)
+    assert first.join(1) and first.snapshot().finish == "cancelled"
+    assert first.snapshot().stats is None or first.snapshot().stats.visual_tokens is None  # not counted
+    second.cancel()
+    assert finish(second).finish == "cancelled"
+
+
+def test_a_request_stopped_while_its_model_loads_never_starts_answering():
+    pipeline = FakePipeline(["x "] * 1000)
+    calls = []
+    pipeline.stream = lambda *args, **kwargs: calls.append(args) or iter(())
+    manager = fake_manager(make=lambda source: pipeline, load_seconds=0.5)
+    cancel = threading.Event()
+    generation = manager.generate("qwen2_vl", "q", TEXT, cancel)
+    while not generation.snapshot().status.startswith("Loading"):
+        time.sleep(0.01)
+    cancel.set()
+    assert finish(generation).finish == "cancelled" and calls == []
+
+
+def test_a_real_model_that_writes_its_end_token_finishes_with_stop(tmp_path):
+    first = vlm.load(vlm.tiny.write("qwen2_vl", tmp_path / "a"), dtype="float32").generate(TEXT, max_new_tokens=1)
+    stops = vlm.tiny.write("qwen2_vl", tmp_path / "b", generation={"eos_token_id": first[0].token_ids})  # same weights
+    last = finish(SessionManager(dtype="float32").generate("qwen2_vl", str(stops), TEXT, max_new_tokens=8))
+    assert last.error is None and (last.finish, last.stats.tokens, last.answer) == ("stop", 0, "")

@@ -21,7 +21,7 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     faster on CPUs with AVX512-BF16; bnb-int8 only saves memory there). On CPU, float32/bfloat16 linears
     are packed for oneDNN on first use.
     """
-    from .checkpoint import read_config, resolve_device, resolve_dtype
+    from .checkpoint import config_error, read_config, resolve_device, resolve_dtype
     from .families import detect_family
     from .hub import resolve
     from .layers.linear import fuse_linears, pack_linears
@@ -32,7 +32,12 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     directory = resolve(model, revision)
     config = read_config(directory)
     family = detect_family(config)
-    pipe = family.load(directory, config, torch_device, resolve_dtype(dtype, torch_device))
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        pipe = family.load(directory, config, torch_device, torch_dtype)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
+            RecursionError) as exc:  # a field the family reads is missing or malformed
+        raise config_error(directory, exc) from exc
     fuse_linears(pipe.model)  # before quantizing, so fused projections are quantized (and run) as one
     if quantization is not None:
         quantize(pipe.model, quantization)

@@ -22,26 +22,49 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON file, turning syntax errors into a CheckpointError naming the file."""
+MAX_JSON_BYTES = 16 << 20  # configs, tokenizer settings, vocabularies (real ones: a few KB to a few MB)
+
+
+def read_text(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 text file of at most `max_bytes`; a CheckpointError naming the file otherwise."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path} is {size:,} bytes; files up to {max_bytes:,} bytes are read.")
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from exc
+
+
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """A JSON object from a file of at most `max_bytes`, every failure (syntax, size, nesting too deep
+    for the parser, not an object) a CheckpointError naming the file."""
+    try:
+        value = json.loads(read_text(path, max_bytes))
+    except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path} nests its JSON too deeply to be read.") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not a {type(value).__name__}.")
+    return value
 
 
 def read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory."""
+    """config.json of a checkpoint directory, validated (see validate_config)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json.")
-    return read_json(path)
+    return validate_config(read_json(path), path)
 
 
 def read_generation_config(directory: Path) -> dict[str, Any]:
-    """generation_config.json of a checkpoint directory, or {} when it has none."""
+    """generation_config.json of a checkpoint directory (validated), or {} when it has none."""
     path = Path(directory) / "generation_config.json"
-    return read_json(path) if path.is_file() else {}
+    return validate_config(read_json(path), path) if path.is_file() else {}
 
 
 def read_processor_configs(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -53,7 +76,7 @@ def read_processor_configs(directory: Path) -> tuple[dict[str, Any], dict[str, A
     """
     def optional(name: str) -> dict[str, Any]:
         path = Path(directory) / name
-        return read_json(path) if path.is_file() else {}
+        return validate_config(read_json(path), path) if path.is_file() else {}
 
     top, legacy = optional("processor_config.json"), optional("preprocessor_config.json")
     image = top.get("image_processor") or legacy
@@ -85,6 +108,83 @@ def rope_config(text: dict[str, Any]) -> dict[str, Any]:
     if "partial_rotary_factor" not in merged and "partial_rotary_factor" in text:
         merged["partial_rotary_factor"] = text["partial_rotary_factor"]
     return merged
+
+
+# ------------------------------------------------------------------------------------------ validation
+# Fields of config.json, the processor configs and generation_config.json (at any depth) that size what
+# gets built or allocated, with the values accepted. Every family reads its config through them, so a
+# hostile or broken file is refused here, before anything is built: a billion layers would take forever
+# to build, zero heads divide by zero, a string or a float breaks the arithmetic.
+_LAYERS, _WIDTH, _HEADS, _SIDE, _PIXELS = (1, 1024), (1, 1 << 16), (1, 1024), (1, 4096), (1, 1 << 27)
+INT_FIELDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22), "hidden_size": _WIDTH, "intermediate_size": (1, 1 << 18), "embed_dim": _WIDTH,
+    "out_hidden_size": _WIDTH, "projection_dim": _WIDTH, "projection_intermediate_dim": (1, 1 << 18),
+    "num_hidden_layers": _LAYERS, "depth": _LAYERS, "depths": _LAYERS,
+    "num_attention_heads": _HEADS, "num_key_value_heads": _HEADS, "num_heads": _HEADS, "head_dim": (1, 4096),
+    "max_position_embeddings": (1, 1 << 24), "num_channels": (1, 64), "in_channels": (1, 64), "in_chans": (1, 64),
+    "patch_size": (1, 1024), "temporal_patch_size": (1, 64), "spatial_merge_size": (1, 64), "merge_size": (1, 64),
+    "num_group_tokens": (0, 4096), "num_output_groups": (1, 4096), "mrope_section": (0, 4096),
+    "image_size": _SIDE, "crop_size": _SIDE, "size": _SIDE, "height": _SIDE, "width": _SIDE, "image_grid_pinpoints": _SIDE,
+    "min_pixels": _PIXELS, "max_pixels": _PIXELS, "shortest_edge": _PIXELS, "longest_edge": _PIXELS,
+    "num_frames": (1, 1 << 16), "min_frames": (1, 1 << 16), "max_frames": (1, 1 << 16),
+    "max_new_tokens": (1, 1 << 24), "max_length": (1, 1 << 24),
+}
+OPTIONAL_FIELDS = {"head_dim", "num_key_value_heads", "num_frames", "max_new_tokens", "max_length"}  # may be null
+FLOAT_FIELDS: dict[str, tuple[float, float]] = {
+    "rms_norm_eps": (0.0, 1.0), "layer_norm_eps": (0.0, 1.0), "rope_theta": (0.0, 1e12),
+    "partial_rotary_factor": (0.0, 1.0), "mlp_ratio": (0.0, 64.0), "fps": (0.0, 1000.0),
+}
+MAX_LIST = 1024  # entries in a list of sizes (depths per stage, pinpoints)
+
+
+def validate_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`config` (read from `path`) if its size fields are all in range (INT_FIELDS, FLOAT_FIELDS, at any
+    depth) and its attention heads divide evenly; else a CheckpointError."""
+    _validate(config, path, "")
+    return config
+
+
+def _validate(node: dict[str, Any], path: Path, where: str) -> None:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _validate(value, path, f"{where}{key}.")
+        elif key in INT_FIELDS and not (value is None and key in OPTIONAL_FIELDS):
+            low, high = INT_FIELDS[key]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in _items(value)):
+                raise CheckpointError(f"{path}: {where}{key} must be an integer from {low} to {high:,} (or a list "
+                                      f"of them), not {_shown(value)}.")
+        elif key in FLOAT_FIELDS:
+            low, high = FLOAT_FIELDS[key]
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high):
+                raise CheckpointError(f"{path}: {where}{key} must be a number above {low:g} and at most {high:g}, "
+                                      f"not {_shown(value)}.")
+    heads, groups = node.get("num_attention_heads"), node.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(groups, int) and heads % groups:
+        raise CheckpointError(f"{path}: {where}num_attention_heads ({heads}) must be a multiple of "
+                              f"num_key_value_heads ({groups}).")
+
+
+def _items(value: Any) -> list[Any]:
+    """A size field's integers: the value, or the entries of a (nested) list of at most MAX_LIST."""
+    if not isinstance(value, list):
+        return [value]
+    if not value or len(value) > MAX_LIST:
+        return [None]
+    return [item for entry in value for item in _items(entry)]
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_error(directory: Path, exc: Exception) -> CheckpointError:
+    """A CheckpointError for an exception a family raised while reading its config and building its
+    model: a field it needs is missing or has the wrong shape."""
+    if isinstance(exc, KeyError):
+        return CheckpointError(f"{directory}/config.json lacks {exc.args[0]!r}, which this model needs.")
+    return CheckpointError(f"{directory}/config.json does not describe a model this package can build: "
+                           f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------- devices
@@ -158,7 +258,10 @@ def weight_files(directory: Path) -> list[Path]:
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = directory / index_name
         if index.is_file():
-            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else [None]
+            if not all(isinstance(n, str) and n and Path(n).name == n and n != ".." for n in names):
+                raise CheckpointError(f"{index} must map tensors to file names in its own directory.")
             missing = [n for n in names if not (directory / n).is_file()]
             if missing:
                 raise CheckpointError(f"{index.name} names shards that are missing: {', '.join(missing)}")
@@ -224,11 +327,15 @@ def load_weights(
     missing = sorted(n for n in set(expected) - present if not (tied and tied.get(n) in present))
     if missing:
         raise MissingTensorError(f"{directory} lacks {len(missing)} tensors: {', '.join(missing[:20])}")
+    for _, _, name, info in entries:  # before anything is mapped or read
+        shape = tuple(info.shape if isinstance(info, torch.Tensor) else info["shape"])
+        if shape != tuple(expected[name].shape):
+            raise CheckpointError(f"Tensor {name} has shape {shape}, the config implies {tuple(expected[name].shape)}.")
     reader = _WeightReader()
     for file, key, name, info in entries:
         target = expected[name]
         tensor = reader.read(file, key, info, dtype if target.is_floating_point() else None)
-        _assign(model, name, tensor, target, device)
+        _assign(model, name, tensor, device)
     for target, source in (tied or {}).items():
         if target in expected and target not in present:
             _set_tensor(model, target, _get_tensor(model, source))
@@ -241,25 +348,44 @@ SAFETENSORS_DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 8 << 20  # a safetensors header (~100 bytes a tensor: 80,000 tensors in one file)
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
 def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
     """Tensor entries of a safetensors file (dtype, shape, data_offsets), validated against its size."""
     size = Path(file).stat().st_size
     try:
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(size - 8, 1 << 28):
-                raise ValueError(f"header length {length} exceeds the file")
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length:,} exceeds the file or {MAX_HEADER_BYTES:,} bytes")
             header = json.loads(f.read(length))
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         for key, info in entries.items():
             begin, end = info["data_offsets"]
-            itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
-            if end - begin != math.prod(info["shape"]) * itemsize or 8 + length + end > size:
+            shape = info["shape"]
+            if not (isinstance(shape, list) and len(shape) <= 8 and all(isinstance(n, int) and n >= 0 for n in shape)
+                    and isinstance(begin, int) and 0 <= begin <= end):
+                raise ValueError(f"tensor {key} has an invalid shape or offsets")
+            if end - begin != math.prod(shape) * _ITEMSIZE[info["dtype"]] or 8 + length + end > size:
                 raise ValueError(f"tensor {key} has inconsistent offsets")
             info["data_start"] = 8 + length + begin
         return entries
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file} is not a valid safetensors file: {exc}") from exc
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{file} is not a valid safetensors file: {type(exc).__name__}: {exc}") from exc
+
+
+def weights_bytes(directory: Path, dtype: torch.dtype) -> int:
+    """Memory of a checkpoint's weights once loaded: floating tensors in `dtype`, others as stored (from
+    the headers alone)."""
+    total = 0
+    for file in weight_files(directory):
+        for entry in _tensor_entries(file).values():
+            stored = entry.dtype if isinstance(entry, torch.Tensor) else SAFETENSORS_DTYPES[entry["dtype"]]
+            count = entry.numel() if isinstance(entry, torch.Tensor) else math.prod(entry["shape"])
+            total += count * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
+    return total
 
 
 def read_safetensors_tensor(file: Path, key: str, info: dict[str, Any], dtype: torch.dtype | None = None,
@@ -300,8 +426,11 @@ def map_safetensors_tensor(file: Path, info: dict[str, Any]) -> torch.Tensor:
         return torch.empty(info["shape"], dtype=dtype)
     start = info["data_start"]
     base = start - start % mmap.ALLOCATIONGRANULARITY
-    with open(file, "rb") as f:  # a private (copy-on-write) map: the file is never written
-        mapped = mmap.mmap(f.fileno(), start - base + end - begin, offset=base, access=mmap.ACCESS_COPY)
+    try:
+        with open(file, "rb") as f:  # a private (copy-on-write) map: the file is never written
+            mapped = mmap.mmap(f.fileno(), start - base + end - begin, offset=base, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{file}: a tensor of {end - begin:,} bytes cannot be mapped: {exc}") from exc
     return torch.frombuffer(mapped, dtype=dtype, count=math.prod(info["shape"]), offset=start - base).view(info["shape"])
 
 
@@ -319,9 +448,7 @@ def _named_tensors(model: nn.Module):
             yield name, buf
 
 
-def _assign(model, name, tensor, target, device):
-    if tuple(tensor.shape) != tuple(target.shape):
-        raise CheckpointError(f"Tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}.")
+def _assign(model, name, tensor, device):
     _set_tensor(model, name, tensor.to(device))
 
 

@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import cancellation
 from .caching import PrefixPool
-from .errors import GenerationError, InputError, OutOfMemoryError, VLMError
+from .errors import Cancelled, GenerationError, InputError, OutOfMemoryError, VLMError
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,11 @@ def generate_tokens(model, inputs: dict[str, Any], sampling: Sampling, stop_ids:
     batch = ids.shape[0]
     axes = inputs["positions"].shape[0]
     pool = prefixes if batch == 1 else None
-    cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool)
+    try:
+        with cancellation.scope(cancel):  # the vision encoders and the decoder look at it between layers
+            cache, logits, embeds = _prefill(model, inputs, ids.shape[1] + sampling.max_new_tokens, pool)
+    except Cancelled:
+        return
     sampler = Sampler(sampling, ids.device)
     stop = torch.tensor(sorted(stop_ids), device=ids.device, dtype=torch.long)
     position = inputs["next_position"].clone()

@@ -64,9 +64,10 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
 
 
 def _unreachable(name: str, exc: Exception) -> str:
+    """What happened and what to do, without repeating "cannot load" (callers say that)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    why = "HF_HUB_OFFLINE is set and the files are not in the cache" if offline else "the hub cannot be reached"
+    why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached ({type(exc).__name__})"
     return (
-        f"Cannot load {name!r}: {why} ({type(exc).__name__}). Download it on a machine with access "
-        f"(`huggingface-cli download {name} --local-dir DIR`) and pass that directory instead."
+        f"{why} and the local cache has no copy of {name!r}. Download it where the hub is reachable "
+        f"(`hf download {name} --local-dir DIR`) and pass that directory instead."
     )

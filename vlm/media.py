@@ -13,23 +13,30 @@ import io
 import json
 import math
 import os
-import select
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from torch.nn import functional as F
 
-from .errors import EmptyFileError, ImageDecodeError, InputError, MediaError, VideoDecodeError
+from . import cancellation
+from .childio import read_exact
+from .errors import (CheckpointError, DamagedVideoError, EmptyFileError, ImageDecodeError, InputError, MediaError,
+                     VideoDecodeError)
 
 # Largest image (width * height) load_image decodes by default; larger files are refused before decoding.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -67,15 +74,57 @@ def current_limits() -> MediaLimits:
 
 
 # ----------------------------------------------------------------------------------------- images
-def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
+# An image with more pixels than SHRINK_MARGIN times the size its consumer resizes to, and than
+# SHRINK_FLOOR, is shrunk as it is decoded: the consumer's own resize still downsamples (at least 2x per
+# side), so the result looks the same, and a huge image's memory is never spent on copies and conversions.
+# Images up to SHRINK_FLOOR pixels (12 MB as RGB) always decode exactly as the reference decodes them.
+SHRINK_MARGIN = 4
+SHRINK_FLOOR = 1 << 22
+
+
+def load_image(src: ImageSource, max_pixels: int | None = None, target_pixels: int | None = None) -> Image.Image:
     """Open an image (PIL image, path or bytes), apply EXIF orientation and return it as RGB.
+
+    ``target_pixels`` is the most pixels the caller will resize the image to. An image with more than
+    ``max(SHRINK_MARGIN * target_pixels, SHRINK_FLOOR)`` pixels is shrunk (aspect kept) to that many while
+    it is decoded: a JPEG at a reduced DCT scale, other formats by a box reduction and a bicubic resize
+    before any mode conversion. Smaller images come back exactly as decoded (the reference's pixels).
 
     Raises EmptyFileError (zero bytes), MediaError (missing path) or ImageDecodeError (unsupported
     format, corrupt or truncated data, more than ``max_pixels`` pixels; default: the configured limit).
     """
     limit = _limits.max_image_pixels if max_pixels is None else max_pixels
+    budget = None if target_pixels is None else max(SHRINK_MARGIN * int(target_pixels), SHRINK_FLOOR)
+    cancellation.check()
+    decode = _blank_like if _dry_run.get() is not None else _decode
     if isinstance(src, Image.Image):
-        return _decode(src, "The image", limit)
+        return decode(src, "The image", limit, budget)
+    with _opened(src) as (name, img):
+        return decode(img, name, limit, budget)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    mode: str
+    format: str | None
+
+
+def image_header(src: ImageSource) -> ImageHeader:
+    """Size, mode and format of an image (PIL image, path or bytes) without decoding it; the same
+    checks and errors as load_image, except the pixel limit."""
+    if isinstance(src, Image.Image):
+        return ImageHeader(src.width, src.height, src.mode, src.format)
+    with _opened(src) as (_, img):
+        return ImageHeader(img.width, img.height, img.mode, img.format)
+
+
+@contextmanager
+def _opened(src: ImageSource) -> Iterator[tuple[str, Image.Image]]:
+    """(name, lazily opened image) of a path or bytes; only IMAGE_FORMATS are recognised."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, data = "The image", bytes(src)
         if not data:
@@ -102,21 +151,56 @@ def load_image(src: ImageSource, max_pixels: int | None = None) -> Image.Image:
             raise ImageDecodeError(f"{name} is not a supported image; use JPEG, PNG, WEBP, GIF or BMP.") from None
         except Exception as e:  # a recognised header that is broken
             raise ImageDecodeError(f"{name} cannot be decoded (corrupt or truncated): {e}") from e
-        return _decode(img, name, limit)
+        yield name, img
 
 
-def _decode(img: Image.Image, name: str, limit: int) -> Image.Image:
-    """Check the size, decode the pixels, apply EXIF orientation and convert to RGB."""
+def _decode(img: Image.Image, name: str, limit: int, budget: int | None) -> Image.Image:
+    """Check the size, decode the pixels (shrunk to `budget` pixels if larger), apply EXIF orientation
+    and convert to RGB."""
     if img.width * img.height > limit:
         raise ImageDecodeError(
             f"{name} is too large ({img.width}x{img.height} pixels; the limit is {limit:,} pixels). "
             "Downscale the image and try again."
         )
     try:
-        img.load()
+        if budget is not None and img.width * img.height > budget:
+            img = _shrink(img, budget)
+        else:
+            img.load()
         return to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageDecodeError(f"{name} cannot be decoded (corrupt or truncated): {e}") from e
+
+
+def _blank_like(img: Image.Image, name: str, limit: int, budget: int | None) -> Image.Image:
+    """A black RGB image of the size `_decode` would return (shrunk, EXIF orientation applied), without
+    decoding."""
+    if img.width * img.height > limit:
+        return _decode(img, name, limit, budget)  # the same refusal
+    size = _shrunk_size(img.width, img.height, budget) if budget is not None and img.width * img.height > budget \
+        else img.size
+    turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    blank = Image.new("RGB", size[::-1] if turned else size)
+    _dry_run.get().append(Seen("image", blank.width, blank.height))
+    return blank
+
+
+def _shrunk_size(width: int, height: int, budget: int) -> tuple[int, int]:
+    """The size, aspect kept, of a `width` x `height` image shrunk to at most `budget` pixels."""
+    scale = math.sqrt(budget / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _shrink(img: Image.Image, budget: int) -> Image.Image:
+    """`img` decoded and resized, aspect kept, to at most `budget` pixels, with as little memory as possible."""
+    size = _shrunk_size(img.width, img.height, budget)
+    img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, never below `size` (others: no-op)
+    img.load()
+    if img.mode in ("P", "PA"):  # palette indices cannot be averaged
+        img = img.convert("RGBA" if img.mode == "PA" or img.info.get("transparency") is not None else "RGB")
+    elif img.mode == "1" or img.mode in _SIXTEEN_BIT_MODES:  # 16-bit: scaled to 8 bits as to_rgb does
+        img = to_rgb(img)
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -127,8 +211,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         arr = np.asarray(image)
-        if image.mode != "I" or arr.max(initial=0) > 255:  # round(x / 257) in integers: 4 bytes a pixel
-            arr = (np.clip(arr, 0, 65535).astype(np.uint32) * 2 + 257) // 514
+        if image.mode != "I" or arr.max(initial=0) > 255:  # round(x / 257) in integers, in place
+            arr = np.clip(arr, 0, 65535).astype(np.uint32)
+            arr *= 2
+            arr += 257
+            arr //= 514
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -169,7 +256,8 @@ class VideoInfo:
     fps: float | None          # stream average_rate (frames per second), None if unknown
     num_frames: int            # exact unless num_frames_source == "estimated"
     duration: float            # seconds
-    num_frames_source: str     # "stream" (header), "packets" (counted by demuxing) or "estimated"
+    num_frames_source: str     # "stream" (header), "packets" (counted by demuxing), "estimated", or "decodable"
+                               # (a damaged video's frames before the damage, inside partial_videos())
     container: str = ""        # FFmpeg demuxer, e.g. "matroska,webm"
     codec: str = ""            # FFmpeg decoder, e.g. "h264"
 
@@ -210,8 +298,8 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
     if version.st_size > limits.max_video_bytes:
         raise VideoDecodeError(f"{name} is {_size(version.st_size)}; videos up to "
                                f"{_size(limits.max_video_bytes)} are accepted.")
-    info = _probe(name, (version.st_ino, version.st_size, version.st_mtime_ns), limits.max_video_frames,
-                  limits.decode_seconds, limits.decode_memory_bytes)
+    key = _file_version(name, version)
+    info = _probe(name, key[1:], limits.max_video_frames, limits.decode_seconds, limits.decode_memory_bytes)
     if info.duration > limits.max_video_seconds:
         raise VideoDecodeError(f"{name} lasts {_clock(info.duration)}; videos up to {_clock(limits.max_video_seconds)} "
                                "are accepted. Trim it and try again.")
@@ -222,24 +310,39 @@ def probe_video(path: str | os.PathLike, limits: MediaLimits | None = None) -> V
         raise VideoDecodeError(f"{name} has {'more than ' if info.num_frames_source == 'packets' else ''}"
                                f"{min(info.num_frames, limits.max_video_frames):,} frames; videos up to "
                                f"{limits.max_video_frames:,} frames are accepted.")
-    return info
+    partial = _partial_videos.get()
+    decodable = _damaged.get(key) if partial is not None else None
+    return partial.prefix(info, decodable) if decodable else info
+
+
+def _file_version(name: str, version: os.stat_result) -> tuple[str, int, int, int]:
+    """A file's identity as the caches here key it: name, inode, size, modification time."""
+    return name, version.st_ino, version.st_size, version.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=256)
 def _probe(name: str, version: tuple[int, int, int], max_frames: int, timeout: float, memory: int) -> VideoInfo:
     """probe_video's child call, cached per file version (inode, size, mtime) and limits."""
-    header, _ = _run_decoder({"op": "probe", "path": name, "max_frames": max_frames}, timeout, memory)
-    return VideoInfo(**header["info"])
+    with _DecoderChild({"op": "probe", "path": name, "max_frames": max_frames}, timeout, memory) as child:
+        return VideoInfo(**child.message()["info"])
 
 
-def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLimits | None = None) -> np.ndarray:
+FrameSize = Callable[[int, int], tuple[int, int]]  # (height, width) of the frames -> (height, width) to use
+
+
+def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLimits | None = None,
+                resize: FrameSize | None = None, mode: str = "bicubic") -> np.ndarray:
     """Decode the frames at ``indices`` (decode order, like transformers' PyAV loader) as uint8 RGB.
 
     Returns (len(indices), H, W, 3), in the order given. The file is probed first (limits apply);
     decoding runs in a child process with a deadline and a memory cap, stops at the last requested
-    frame and keeps only requested frames. Frames are turned upright by the stream's display rotation
-    (the reference ignores it). A frame that cannot be decoded (corrupt data, index past the end of the
-    stream), a crash, a timeout or too little memory raises VideoDecodeError.
+    frame and sends each frame as soon as it is decoded. Frames are turned upright by the stream's
+    display rotation (the reference ignores it). ``resize`` maps the frames' (height, width) to the size
+    the caller will use: each frame is resized to it on arrival (``mode`` interpolation, antialiased, as
+    torchvision's resize runs on CPU; the same pixels as resizing the whole clip at once), so only one
+    frame at full size is ever held. A frame that cannot be decoded (corrupt data, index past the end
+    of the stream), a crash, a timeout or too little memory raises VideoDecodeError; the request's
+    cancellation (vlm.cancellation) kills the child and raises Cancelled.
     """
     limits = limits or _limits
     name = _video_path(path)
@@ -247,11 +350,160 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int], limits: MediaLi
     if not wanted or min(wanted) < 0:
         raise InputError(f"Frame indices must be a non-empty list of non-negative ints, got {indices!r}.")
     info = probe_video(name, limits)
-    frames_bytes = len(wanted) * info.width * info.height * 3
-    request = {"op": "frames", "path": name, "indices": wanted, "max_pixels": limits.max_video_pixels}
-    header, payload = _run_decoder(request, limits.decode_seconds, frames_bytes + limits.decode_memory_bytes,
-                                   len(wanted) * limits.max_video_pixels * 3)
-    return np.frombuffer(payload, np.uint8).reshape(header["shape"])
+    seen = _dry_run.get()
+    if seen is not None:  # as stored: a display rotation would swap height and width, which changes no count
+        seen.append(Seen("video", info.width, info.height, len(wanted)))
+        return np.zeros((len(wanted), *(resize(info.height, info.width) if resize else (info.height, info.width)), 3),
+                        np.uint8)
+    positions: dict[int, list[int]] = {}
+    for position, index in enumerate(wanted):
+        positions.setdefault(index, []).append(position)
+    order = sorted(positions)
+    request = {"op": "frames", "path": name, "indices": order, "max_pixels": limits.max_video_pixels}
+    frame_bytes = limits.max_video_pixels * 3
+    memory = info.width * info.height * 3 + limits.decode_memory_bytes  # one frame at a time
+    out, shape = None, None
+    try:
+        with _DecoderChild(request, limits.decode_seconds, memory) as child:
+            for index in order:
+                header = child.message()
+                if header.get("index") != index or not _frame_shape(header.get("shape"), frame_bytes) or (
+                        shape is not None and header["shape"] != shape):
+                    raise child.stopped()
+                shape = header["shape"]
+                frame = np.frombuffer(child.payload(math.prod(shape)), np.uint8).reshape(shape)
+                if out is None:
+                    size = resize(shape[0], shape[1]) if resize else shape[:2]
+                    out = np.empty((len(wanted), *size, 3), np.uint8)
+                out[positions[index]] = _resized(frame, out.shape[1:3], mode)
+    except DamagedVideoError as exc:
+        with _damaged_lock:
+            _damaged[_file_version(name, os.stat(name))] = exc.decodable
+            while len(_damaged) > DAMAGED_CACHE:
+                _damaged.popitem(last=False)
+        raise DamagedVideoError(_damage_message(name, exc.decodable, info.fps, exc.cause), name, exc.decodable,
+                                exc.cause) from None
+    return out
+
+
+def _frame_shape(shape: object, max_bytes: int) -> bool:
+    """Is `shape` an (H, W, 3) frame of at most `max_bytes`?"""
+    return (isinstance(shape, list) and len(shape) == 3 and shape[2] == 3
+            and all(isinstance(n, int) and n > 0 for n in shape) and math.prod(shape) <= max_bytes)
+
+
+_INTERPOLATE_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> F.interpolate mode
+
+
+def resample_mode(resample: int) -> str:
+    """The F.interpolate mode of a processor's PIL `resample` id, for frames (as torchvision maps it)."""
+    if resample not in _INTERPOLATE_MODES:
+        raise CheckpointError(f"Video resample={resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
+    return _INTERPOLATE_MODES[resample]
+
+
+def _resized(frame: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """An (H, W, 3) uint8 frame resized to `size` as processors resize clips (F.interpolate, antialiased)."""
+    if tuple(size) == frame.shape[:2]:
+        return frame
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].contiguous()
+    x = F.interpolate(x, size=tuple(size), mode=mode, align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).numpy()
+
+
+def _damage_message(name: str, decodable: int, fps: float | None, cause: str) -> str:
+    if not decodable:
+        return f"{name} is damaged from its first frame ({cause}); re-encode it or use another file."
+    length = f" ({decodable / fps:.1f} s)" if fps else ""
+    return (f"{name} is damaged: decoding fails after its first {decodable} frames{length} ({cause}). Re-encode "
+            "or trim the file, or answer from those frames (inside vlm.media.partial_videos(), as the demo and the "
+            "CLI do).")
+
+
+# ------------------------------------------------------------------------------ damaged videos, dry runs
+DAMAGED_CACHE = 256
+_damaged: OrderedDict[tuple, int] = OrderedDict()  # file version -> frames that decode before its damage
+_damaged_lock = threading.Lock()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PartialVideo:
+    """A damaged video read as the frames before its damage."""
+
+    path: str
+    used: int  # frames before the damage
+    total: int  # frames the file declares
+    seconds: float  # length of the part used
+
+    @property
+    def message(self) -> str:
+        return (f"{Path(self.path).name} is damaged after {self.seconds:.1f} s: the answer uses its first "
+                f"{self.used} of its {self.total} frames.")
+
+
+class _PartialVideos:
+    def __init__(self) -> None:
+        self.read: list[PartialVideo] = []
+        self.retried: set[str] = set()
+
+    def prefix(self, info: VideoInfo, decodable: int) -> VideoInfo:
+        """`info` cut to its first `decodable` frames, noted."""
+        seconds = decodable / info.fps if info.fps else info.duration * decodable / info.num_frames
+        if all(p.path != info.path for p in self.read):
+            self.read.append(PartialVideo(info.path, decodable, info.num_frames, seconds))
+        return replace(info, num_frames=decodable, duration=seconds, num_frames_source="decodable")
+
+
+_partial_videos: ContextVar[_PartialVideos | None] = ContextVar("vlm_partial_videos", default=None)
+_dry_run: ContextVar[list["Seen"] | None] = ContextVar("vlm_media_dry_run", default=None)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An image or video as a dry run handed it to a processor."""
+
+    kind: str  # "image" | "video"
+    width: int
+    height: int
+    frames: int = 1  # a video's sampled frames
+
+
+@contextmanager
+def partial_videos() -> Iterator[list[PartialVideo]]:
+    """Inside, a video found damaged is read as its frames before the damage (a pipeline samples them anew)
+    instead of raising DamagedVideoError; yields the list of the videos read so, filled as they are met.
+    Outside, the error stands. One damaged at its first frame is an error either way."""
+    token = _partial_videos.set(_PartialVideos())
+    try:
+        yield _partial_videos.get().read
+    finally:
+        _partial_videos.reset(token)
+
+
+def retrying_damaged_videos(build: Callable[[], T]) -> T:
+    """`build()`, which reads videos; inside partial_videos(), run again when it meets a damaged video (now
+    probed as its frames before the damage), once per video."""
+    partial = _partial_videos.get()
+    while True:
+        try:
+            return build()
+        except DamagedVideoError as exc:
+            if partial is None or not exc.decodable or exc.path in partial.retried:
+                raise
+            partial.retried.add(exc.path)
+
+
+@contextmanager
+def dry_run() -> Iterator[list[Seen]]:
+    """Inside, load_image and read_frames return black pixels of the right size without decoding anything
+    (videos are probed): a processor then builds inputs of the right shapes, to count tokens. Yields the
+    list of what they handed out, in order."""
+    token = _dry_run.set([])
+    try:
+        yield _dry_run.get()
+    finally:
+        _dry_run.reset(token)
 
 
 # --------------------------------------------------------------------------------- decoder child
@@ -267,64 +519,76 @@ def decoder_command() -> list[str]:
     return [sys.executable, "-I", str(SAFE_DECODE)]
 
 
-def _run_decoder(request: dict, timeout: float, memory: int, max_payload: int = 0) -> tuple[dict, bytearray]:
-    """Answer `request` in a fresh decoder child within `timeout` seconds and `memory` bytes beyond what
-    the child maps at start; (header, payload bytes).
+class _DecoderChild:
+    """A fresh decoder child answering one request within `timeout` seconds and `memory` bytes beyond
+    what it maps at start (see vlm/safe_decode.py for the messages).
 
     The child's refusals become VideoDecodeError; so do a crash, a deadline passed, an early exit or a
-    reply larger than `max_payload`.
+    malformed message. Cancelling the request kills the child at once (Cancelled); so does leaving
+    the `with` block early.
     """
-    name = request["path"]
-    request = {**request, "memory": memory, "cpu_seconds": math.ceil(timeout * (os.cpu_count() or 1)) + 5}
-    env = {**{k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}, **_CHILD_ENV}
-    deadline = time.monotonic() + timeout
-    child = subprocess.Popen(decoder_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, bufsize=0, env=env)
-    try:
+
+    def __init__(self, request: dict, timeout: float, memory: int):
+        self.name, self.timeout = request["path"], timeout
+        request = {**request, "memory": memory, "cpu_seconds": math.ceil(timeout * (os.cpu_count() or 1)) + 5}
+        env = {**{k: os.environ[k] for k in _INHERITED_ENV if k in os.environ}, **_CHILD_ENV}
+        self.deadline = time.monotonic() + timeout
+        self.child = subprocess.Popen(decoder_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, bufsize=0, env=env)
         try:
-            child.stdin.write(json.dumps(request).encode())
-            child.stdin.close()
-            (size,) = struct.unpack("<Q", _read_exact(child.stdout, 8, deadline))
-            if size > _HEADER_BYTES:
-                raise EOFError
-            header = json.loads(_read_exact(child.stdout, size, deadline))
-            payload = bytearray()
-            if header.get("ok") and "shape" in header:
-                expected = math.prod(header["shape"])
-                if len(header["shape"]) != 4 or header["shape"][0] != len(request["indices"]) or expected > max_payload:
-                    raise EOFError
-                payload = _read_exact(child.stdout, expected, deadline)
+            self.child.stdin.write(json.dumps(request).encode())
+            self.child.stdin.close()
+        except OSError:  # the child died at once; its exit code says why
+            pass
+
+    def __enter__(self) -> "_DecoderChild":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+        self.child.wait()
+        self.child.stdout.close()
+
+    def message(self) -> dict:
+        """The next message's header; a refusal raises VideoDecodeError (DamagedVideoError for a file that
+        decodes up to some frame)."""
+        (size,) = struct.unpack("<Q", self._read(8))
+        if size > _HEADER_BYTES:
+            raise self.stopped()
+        try:
+            header = json.loads(self._read(size))
+        except ValueError:
+            raise self.stopped() from None
+        if not isinstance(header, dict):
+            raise self.stopped()
+        if not header.get("ok"):
+            if header.get("kind") == "damaged":
+                raise DamagedVideoError(header["message"], self.name, int(header["decodable"]),
+                                        str(header.get("cause", "")))
+            raise VideoDecodeError(header.get("message") or f"{self.name} cannot be decoded.")
+        return header
+
+    def payload(self, size: int) -> bytearray:
+        """The `size` bytes that follow a frame's header."""
+        return self._read(size)
+
+    def stopped(self) -> VideoDecodeError:
+        """The error for a child that died or answered nonsense (it is killed first)."""
+        if self.child.poll() is None:
+            self.child.kill()
+        return VideoDecodeError(f"{self.name}: the video decoder stopped ({_exit_reason(self.child.wait())}); the "
+                                "file is probably damaged or needs more memory than this server allows.")
+
+    def _read(self, size: int) -> bytearray:
+        """`size` bytes from the child before the deadline, looking at the request's cancellation meanwhile."""
+        try:
+            return read_exact(self.child.stdout, size, self.deadline, cancellation.check)
         except TimeoutError:
-            raise VideoDecodeError(f"{name}: decoding took longer than {timeout:g} s; the file may be damaged "
-                                   "or too long. Try a shorter clip.") from None
-        except (EOFError, OSError, ValueError):
-            if child.poll() is None:
-                child.kill()
-            raise VideoDecodeError(f"{name}: the video decoder stopped ({_exit_reason(child.wait())}); the file is "
-                                   "probably damaged or needs more memory than this server allows.") from None
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
-        child.stdout.close()
-    if not header.get("ok"):
-        raise VideoDecodeError(header.get("message") or f"{name} cannot be decoded.")
-    return header, payload
-
-
-def _read_exact(pipe, size: int, deadline: float) -> bytearray:
-    """`size` bytes from a raw pipe before `deadline` (TimeoutError), EOFError if it closes first."""
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([pipe], [], [], remaining)[0]:
-            raise TimeoutError
-        count = pipe.readinto(view[got:])
-        if not count:
-            raise EOFError
-        got += count
-    return buffer
+            raise VideoDecodeError(f"{self.name}: decoding took longer than {self.timeout:g} s; the file may be "
+                                   "damaged or too long. Try a shorter clip.") from None
+        except (EOFError, OSError):
+            raise self.stopped() from None
 
 
 def _exit_reason(code: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -9,11 +10,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import cancellation
+from .boxes import Box, FrameRule, parse_boxes, relative_frame
 from .caching import PrefixPool
+from .checkpoint import read_config
 from .conversation import is_batch, normalize
-from .errors import ContextLengthError, InputError
+from .errors import Cancelled, ContextLengthError, InputError
 from .generation import GenerationOutput, Sampling, generate_tokens, run_in_thread
-from .reasoning import ANSWER, Delta, ReasoningParser, ThinkingBudget, ThinkingFormat, opens_thinking, split_reasoning
+from .media import retrying_damaged_videos
+from .reasoning import (ANSWER, Delta, ReasoningParser, Report, ThinkingBudget, ThinkingFormat, opens_thinking,
+                        split_reasoning)
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "num_frames")
@@ -26,14 +32,17 @@ class ChatPipeline:
     Thinking families pass `thinking` (their reasoning tags): outputs then carry the reasoning
     apart from the answer, stream deltas are `reasoning.Delta`s with a `kind`, earlier turns'
     reasoning is dropped from the prompt, and `thinking_budget` / `enable_thinking` are accepted.
-    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws).
+    `markup` names special tokens kept in the decoded text (e.g. box tokens a UI draws); `box_frame` gives
+    what the family's box numbers are measured in for an image of a given size (see `vlm.boxes`).
     """
 
     def __init__(self, family: str, model: torch.nn.Module, tokenizer: Tokenizer,
                  build_inputs: Callable[..., dict[str, Any]], generation_config: dict[str, Any],
                  device: torch.device, directory: Path, max_context: int,
-                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = ()):
+                 thinking: ThinkingFormat | None = None, markup: Sequence[str] = (),
+                 box_frame: FrameRule = relative_frame):
         self.family = family
+        self.box_frame = box_frame
         self.thinking = thinking
         self.markup = tuple(markup)
         self.decoder = _MarkupDecoder(tokenizer, (*(thinking.tags if thinking else ()), *markup))
@@ -62,13 +71,18 @@ class ChatPipeline:
                 raise InputError(f"This {self.family} checkpoint has no switch to turn thinking on or off; "
                                  "pass thinking_budget=0 to make it answer right away.")
             media_options["template_vars"] = {"enable_thinking": bool(enable_thinking)}
-        return self.build_inputs(conversations, **media_options)
+        return retrying_damaged_videos(lambda: self.build_inputs(conversations, **media_options))
 
     def generate(self, conversations: Any, cancel: threading.Event | None = None,
                  **options: Any) -> list[GenerationOutput]:
         """Answer one conversation or a batch (left-padded); one GenerationOutput per conversation."""
         sampling, media, reasoning = self._split(options)
-        inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversations, sampling, media, reasoning)
+        except Cancelled:  # while reading the media
+            return [GenerationOutput("", [], "cancelled") for _ in (conversations if is_batch(conversations)
+                                                                    else [conversations])]
         batch = inputs["input_ids"].shape[0]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -88,14 +102,20 @@ class ChatPipeline:
 
         Each delta is a `str` with a `kind`: "answer", or "thinking" for a thinking model's reasoning, and
         `tokens`, the tokens generated so far. The first token always sends a delta, empty when its text is
-        not complete yet (part of a character, or a tag), so its arrival can be timed. Setting `cancel` (or
-        closing the iterator) stops the generation within one step.
+        not complete yet (part of a character, or a tag), so its arrival can be timed. The last delta is
+        empty and reports the request (`Delta.report`): why it finished ("stop" at an end-of-sequence
+        token, "length" at the token budget, None when cancelled), the prompt's tokens and its image and
+        video tokens. Setting `cancel` (or closing the iterator) stops the generation within one step.
         """
         sampling, media, reasoning = self._split(options)
         if is_batch(conversation):
             raise InputError("stream() takes one conversation; use generate() for a batch.")
-        inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
         cancel = cancel or threading.Event()
+        try:
+            with cancellation.scope(cancel):
+                inputs, sampling = self._prepare(conversation, sampling, media, reasoning)
+        except Cancelled:  # while reading the media: nothing to say
+            return
         opened = self._opened(inputs)
 
         def produce(stop_event: threading.Event) -> Iterator[Delta]:
@@ -109,10 +129,12 @@ class ChatPipeline:
                     delta.tokens = count
                 return deltas
 
+            finish = "length"
             for step in generate_tokens(self.model, inputs, sampling, self.stop_ids, self.pad_id, stop_event,
                                         self._processors(reasoning, opened), self.prefixes):
                 token = int(step[0])
                 if token in self.stop_ids:
+                    finish = "stop"
                     break
                 count += 1
                 deltas = split(detok.add(token))
@@ -122,8 +144,24 @@ class ChatPipeline:
             yield from counted(split(detok.flush()))
             if parser:
                 yield from counted(parser.flush())
+            ids = inputs["input_ids"][0]
+            report = Report(None if stop_event.is_set() else finish, ids.numel(),
+                            sum(int((ids == i).sum()) for i in self.visual_ids))
+            yield from counted([Delta("", parser.kind if parser else ANSWER, report=report)])
 
         yield from run_in_thread(produce, cancel)
+
+    def boxes(self, text: str, image_size: tuple[int, int], **media_options: Any) -> list[Box]:
+        """The boxes and points of an answer about an image of `image_size` (width, height), as fractions of
+        it; `media_options` as the request's (`max_pixels` changes the frame of pixel coordinates)."""
+        return parse_boxes(text, self.box_frame(*image_size, **media_options))
+
+    @functools.cached_property
+    def visual_ids(self) -> set[int]:
+        """The ids of the image and video placeholder tokens (config.json)."""
+        config = read_config(self.directory)
+        keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
+        return {config[k] for k in keys if isinstance(config.get(k), int)}
 
     def clear_caches(self) -> None:
         """Forget reusable KV caches and vision features (memory pressure, or to time a cold request)."""

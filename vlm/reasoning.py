@@ -36,16 +36,27 @@ class ThinkingFormat:
         return self.close + (self.answer_open or "")
 
 
+@dataclass(frozen=True)
+class Report:
+    """How a streamed request went, sent with its last delta (None: not known)."""
+
+    finish: str | None  # "stop" (end-of-sequence token or stop string) | "length" (token budget) | None
+    prompt_tokens: int | None
+    visual_tokens: int | None  # image and video placeholder tokens in the prompt
+
+
 class Delta(str):
-    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer, and
-    how many tokens the model had generated when it was sent (`tokens`)."""
+    """A piece of streamed text that knows whether it is reasoning (`kind == "thinking"`) or answer, how
+    many tokens the model had generated when it was sent (`tokens`) and, on the last delta of a stream,
+    the `report` of the request."""
 
     kind: str
     tokens: int
+    report: Report | None
 
-    def __new__(cls, text: str, kind: str = ANSWER, tokens: int = 0) -> "Delta":
+    def __new__(cls, text: str, kind: str = ANSWER, tokens: int = 0, report: Report | None = None) -> "Delta":
         delta = super().__new__(cls, text)
-        delta.kind, delta.tokens = kind, tokens
+        delta.kind, delta.tokens, delta.report = kind, tokens, report
         return delta
 
     def __repr__(self) -> str:
@@ -87,7 +98,7 @@ class ReasoningParser:
             transitions = self._transitions()
             found = [(self._buffer.find(tag), -len(tag), tag) for tag in transitions if tag in self._buffer]
             if not found:
-                keep = _partial_tag_length(self._buffer, transitions)
+                keep = partial_tag_length(self._buffer, transitions)
                 self._emit(self._buffer[:len(self._buffer) - keep], out)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 return out
@@ -118,8 +129,9 @@ class ReasoningParser:
             self._space += text
 
 
-def _partial_tag_length(text: str, tags) -> int:
-    """Length of the longest end of `text` that is the beginning of a tag (it may complete later)."""
+def partial_tag_length(text: str, tags) -> int:
+    """Length of the longest end of `text` that is the beginning of a tag (it may complete later); also
+    used for stop strings."""
     for length in range(min(len(text), max(map(len, tags), default=1) - 1), 0, -1):
         if any(tag.startswith(text[-length:]) for tag in tags):
             return length

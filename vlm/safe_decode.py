@@ -8,9 +8,12 @@ JSON request read from stdin:
     {"op": "probe", "path": ..., "max_frames": int, "memory": bytes, "cpu_seconds": int}
     {"op": "frames", "path": ..., "indices": [int, ...], "max_pixels": int, "memory": bytes, "cpu_seconds": int}
 
-Reply on stdout: an 8-byte little-endian header length, a JSON header, then for "frames" the raw
-uint8 frames (n, H, W, 3). A refusal is {"ok": false, "kind": ..., "message": ...}. Only the standard
-library, numpy and av are imported so the child starts in a fraction of a second.
+Replies on stdout are messages: an 8-byte little-endian length, then a JSON header. "probe" answers
+{"ok": true, "info": {...}}; "frames" sends each requested frame as soon as it is decoded, in decode
+order, as {"ok": true, "index": i, "shape": [H, W, 3]} followed by its raw uint8 pixels, so neither
+side holds more than a frame at full size. A refusal, possibly after some frames, is {"ok": false,
+"kind": ..., "message": ...}. Only the standard library, numpy and av are imported so the child
+starts in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 class Refused(Exception):
     """The file cannot be used; the message is meant for the user."""
 
-    def __init__(self, message: str, kind: str = "decode"):
+    def __init__(self, message: str, kind: str = "decode", **details: Any):
         super().__init__(message)
-        self.kind = kind  # "decode" | "memory"
+        self.kind = kind  # "decode" | "memory" | "damaged" (details: decodable frames, cause)
+        self.details = details
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -112,46 +116,45 @@ def stream_duration(stream, container) -> float | None:
     return None
 
 
-def read_frames(path: str, indices: list[int], max_pixels: int | None = None) -> np.ndarray:
-    """The frames at `indices` (decode order, like transformers' PyAV loader) as (n, H, W, 3) uint8.
+def send_frames(path: str, indices: list[int], out: BinaryIO, max_pixels: int | None = None) -> None:
+    """Reply with the frames at `indices` (decode order, like transformers' PyAV loader), each once, as
+    uint8 (H, W, 3), in increasing index order.
 
     Frames are turned upright by the stream's display rotation (a multiple of 90 degrees), which the
     reference ignores. Decoding stops at the last requested frame. A frame missing (truncated file),
     undecodable, larger than `max_pixels` or of another size than the first one raises Refused.
     """
-    wanted: dict[int, list[int]] = {}
-    for position, index in enumerate(indices):
-        wanted.setdefault(index, []).append(position)
+    wanted = set(indices)
     last = max(wanted)
-    out: np.ndarray | None = None
-    found, decoded = 0, 0
+    shape: tuple[int, ...] | None = None
+    sent, decoded = 0, 0
     container = open_video(path)
     try:
         container.seek(0)
         for i, frame in enumerate(container.decode(video=0)):
-            decoded = i + 1
             if i in wanted:
                 if max_pixels is not None and frame.width * frame.height > max_pixels:
                     raise Refused(f"{path} has a {frame.width}x{frame.height} frame, more than {max_pixels:,} pixels.")
                 pixels = upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0))
-                if out is None:
-                    out = np.empty((len(indices), *pixels.shape), np.uint8)
-                elif pixels.shape != out.shape[1:]:
-                    raise Refused(f"{path} changes its frame size mid-stream ({out.shape[2]}x{out.shape[1]} "
+                if shape is None:
+                    shape = pixels.shape
+                elif pixels.shape != shape:
+                    raise Refused(f"{path} changes its frame size mid-stream ({shape[1]}x{shape[0]} "
                                   f"to {pixels.shape[1]}x{pixels.shape[0]}); re-encode it.")
-                out[wanted[i]] = pixels
-                found += 1
+                data = memoryview(np.ascontiguousarray(pixels)).cast("B")
+                reply(out, {"ok": True, "index": i, "shape": list(pixels.shape)}, [data])
+                sent += 1
             if i >= last:
                 break
     except MemoryError:
         raise Refused(f"{path} needs more memory to decode than this server allows.", "memory") from None
     except DECODE_ERRORS as e:
-        raise Refused(f"{path} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}") from e
+        raise Refused(f"{path} is corrupt: decoding failed after {decoded} frame(s), before frame {last}: {e}",
+                      "damaged", decodable=decoded, cause=getattr(e, "strerror", None) or str(e)) from e
     finally:
         container.close()
-    if out is None or found < len(wanted):
+    if sent < len(wanted):
         raise Refused(f"{path} ended after {decoded} frame(s); frame {last} was requested. The file may be truncated.")
-    return out
 
 
 def upright(pixels: np.ndarray, rotation: float | None) -> np.ndarray:
@@ -192,10 +195,9 @@ def serve(request: dict[str, Any], out: BinaryIO) -> None:
         if request["op"] == "probe":
             reply(out, {"ok": True, "info": probe(path, int(request["max_frames"]))})
         else:
-            frames = read_frames(path, [int(i) for i in request["indices"]], request.get("max_pixels"))
-            reply(out, {"ok": True, "shape": list(frames.shape)}, [memoryview(frames).cast("B")])
+            send_frames(path, [int(i) for i in request["indices"]], out, request.get("max_pixels"))
     except Refused as e:
-        reply(out, {"ok": False, "kind": e.kind, "message": str(e)})
+        reply(out, {"ok": False, "kind": e.kind, "message": str(e), **e.details})
     except MemoryError:
         reply(out, {"ok": False, "kind": "memory", "message": f"{request.get('path')} needs more memory to decode "
                                                                 "than this server allows."})

@@ -1,5 +1,5 @@
-"""SessionManager: models loaded lazily (at most one per family) under a memory budget, and answers
-generated in background threads.
+"""SessionManager: models loaded lazily (at most one per family) under a memory budget, or clients of
+remote servers (vlm.remote), and answers generated in background threads.
 
 UI-agnostic. The manager holds only what users share (the loaded models); each user's history and
 cancel event belong to the caller (the Gradio session), which starts a `Generation` per answer.
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-from .conversation import drop_oldest_turn, media_items, normalize
-from .errors import ContextLengthError, InputError, OutOfMemoryError, VLMError
+from . import cancellation
+from .conversation import Media, drop_oldest_turn, media_items, normalize
+from .errors import Cancelled, ContextLengthError, InputError, OutOfMemoryError, VLMError
+from .media import partial_videos
+from .reasoning import Report
 
 Progress = Callable[[float, str], None]  # (fraction done, message)
 POLL_SECONDS = 0.1  # how often a request waiting for a family's slot looks at its cancel event
@@ -39,6 +41,8 @@ class Limits:
     max_images: int = 8
     max_frames: int = 64
     max_seconds: float = 300.0
+    max_message_chars: int = 16_000  # text of one message (or the system prompt)
+    max_conversation_chars: int = 100_000  # all text of a conversation (~25k tokens: fits a 32k context)
     context_overflow: str = "error"  # a prompt longer than the context: "error", or "truncate" the oldest turns
 
 
@@ -54,28 +58,42 @@ class LoadedModel:
 class SessionManager:
     """Loads models on first use, one per family, evicting the least recently used ones to fit `budget`.
 
-    `resolve(source) -> directory` finds or downloads a checkpoint, `estimate(directory) -> bytes` sizes it
-    and `load(directory) -> pipeline` builds it; the defaults use vlm.hub and vlm.load.
+    `resolve(source) -> directory` finds or downloads a checkpoint, `identify(directory) -> family` reads
+    its family (None: cannot tell), `estimate(directory) -> bytes` sizes it and `load(directory) -> pipeline`
+    builds it; the defaults use vlm.hub, config.json and vlm.load. A family in `remote` is served by another
+    server: `remote[family]()` connects a client (e.g. a vlm.remote RemotePipeline) that streams like a
+    pipeline, holds no weights, counts against no budget and runs `remote_concurrency` requests at once (the
+    server batches them) instead of `family_concurrency`.
     """
 
     def __init__(self, budget_bytes: int | None = None, limits: Limits = Limits(), family_concurrency: int = 1,
                  device: str = "auto", dtype: str = "auto", resolve: Callable[[str], Path] | None = None,
-                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None):
+                 estimate: Callable[[Path], int] | None = None, load: Callable[[Path], Any] | None = None,
+                 identify: Callable[[Path], str | None] | None = None,
+                 remote: Mapping[str, Callable[[], Any]] | None = None, remote_concurrency: int = 8):
         self.budget = budget_bytes
         self.limits = limits
         self._resolve = resolve or _hub_resolve
+        self._identify = identify or checkpoint_family
         self._estimate = estimate or (lambda directory: estimate_bytes(directory, device, dtype))
         self._load = load or (lambda directory: _vlm_load(directory, device, dtype))
         self._models: dict[str, LoadedModel] = {}
-        self._state = threading.Lock()  # guards _models
+        self._remote = dict(remote or {})
+        self._clients: dict[str, Any] = {}  # connected remote clients by family
+        self._state = threading.Lock()  # guards _models and _clients
         self._loading = threading.Lock()  # one load at a time: concurrent requests for a family load it once
-        self.concurrency = family_concurrency
+        self.concurrency, self.remote_concurrency = family_concurrency, remote_concurrency
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     # -------------------------------------------------------------------------------------- models
     def get(self, family: str, source: str, progress: Progress | None = None) -> Any:
-        """The pipeline of `family` loaded from `source`, loading it (once) if needed."""
+        """The pipeline of `family` loaded from `source`, loading it (once) if needed; for a remote family,
+        its client (whatever `source`).
+
+        A checkpoint of another family is refused (InputError) before anything is unloaded."""
         report = progress or (lambda fraction, message: None)
+        if family in self._remote:
+            return self._connect(family, report)
         cached = self._lookup(family, source)
         if cached is not None:
             return cached
@@ -85,6 +103,10 @@ class SessionManager:
                 return cached
             report(0.0, f"Finding {source} (downloading it if needed)…")
             directory = self._resolve(source)
+            found = self._identify(directory)
+            if found is not None and found != family:
+                raise InputError(f"{source} is a {found} checkpoint, not a {family} one: pick a checkpoint of "
+                                 f"{family}, or the {found} family.")
             nbytes = self._estimate(directory)
             report(0.3, f"Estimated memory {format_bytes(nbytes)}; making room…")
             self._make_room(family, nbytes)
@@ -95,15 +117,25 @@ class SessionManager:
             report(1.0, f"{family} loaded ({format_bytes(nbytes)}).")
             return pipeline
 
+    def _connect(self, family: str, report: Progress) -> Any:
+        with self._state:
+            client = self._clients.get(family)
+        if client is None:
+            report(0.0, f"Connecting to the server of {family}…")
+            client = self._remote[family]()
+            with self._state:
+                client = self._clients.setdefault(family, client)
+        return client
+
     def loaded(self) -> dict[str, LoadedModel]:
         """A snapshot of the loaded models by family."""
         with self._state:
             return {name: replace(entry) for name, entry in self._models.items()}
 
     def unload(self, family: str) -> bool:
-        """Forget `family`'s model (generations still running keep theirs until they end)."""
+        """Forget `family`'s model or remote client (generations still running keep theirs until they end)."""
         with self._state:
-            entry = self._models.pop(family, None)
+            entry = self._models.pop(family, None) or self._clients.pop(family, None)
         if entry is not None:
             _free_memory()
         return entry is not None
@@ -144,7 +176,7 @@ class SessionManager:
     def slot(self, family: str, cancel: threading.Event | None = None) -> Iterator[bool]:
         """Wait for one of `family`'s concurrent slots; yields False if `cancel` was set while waiting."""
         with self._state:
-            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.concurrency))
+            semaphore = self._slots.setdefault(family, threading.BoundedSemaphore(self.slots(family)))
         while not semaphore.acquire(timeout=POLL_SECONDS):
             if cancel is not None and cancel.is_set():
                 yield False
@@ -154,8 +186,32 @@ class SessionManager:
         finally:
             semaphore.release()
 
+    def slots(self, family: str) -> int:
+        """How many of `family`'s requests run at once."""
+        return self.remote_concurrency if family in self._remote else self.concurrency
+
+    def check_text(self, conversation: Any) -> None:
+        """Raise InputError when a message or the whole conversation has more text than the caps allow
+        (counted before anything is tokenized)."""
+        if not isinstance(conversation, (list, tuple)):
+            return  # normalize() says what is wrong with it
+        total = 0
+        for message in conversation:
+            chars = text_chars(message)
+            if chars > self.limits.max_message_chars and message.get("role") != "assistant":
+                raise InputError(f"A message has {chars:,} characters; this server takes at most "
+                                 f"{self.limits.max_message_chars:,} per message. Shorten it.")
+            total += chars
+        if total > self.limits.max_conversation_chars:
+            raise InputError(f"The conversation has {total:,} characters; this server takes at most "
+                             f"{self.limits.max_conversation_chars:,}. Clear the chat (or start a new one) to go on.")
+
     def check(self, conversation: Any, options: dict[str, Any]) -> None:
-        """Raise InputError when a request exceeds the caps (tokens, images, video frames)."""
+        """Raise InputError when a request exceeds the caps (text, tokens, images, video frames), and
+        MemoryAdmissionError when its media would need more memory than the server has left."""
+        from .admission import admit, video_frames
+
+        self.check_text(conversation)
         tokens = options.get("max_new_tokens")
         if tokens is not None and tokens > self.limits.max_new_tokens:
             raise InputError(f"max_new_tokens is {tokens}; this server allows at most {self.limits.max_new_tokens}.")
@@ -170,6 +226,7 @@ class SessionManager:
                 if frames > self.limits.max_frames:
                     raise InputError(f"The video would use {frames} frames; this server allows at most "
                                      f"{self.limits.max_frames}. Lower the video fps or set the number of frames.")
+        admit(conversation, options)
 
     def generate(self, family: str, source: str, conversation: Any, cancel: threading.Event | None = None,
                  **options: Any) -> "Generation":
@@ -179,7 +236,10 @@ class SessionManager:
     def segment(self, family: str, source: str, image: Any, labels: Any, progress: Progress | None = None,
                 **options: Any) -> Any:
         """Segment `image` with `labels` (in the calling thread, within the family's concurrency limit)."""
+        from .admission import admit_media
+
         image = segmentable(image)
+        admit_media([Media("image", image)], {})
         with self.slot(family):
             return self.get(family, source, progress).segment(image, labels, **options)
 
@@ -190,8 +250,10 @@ class Stats:
     seconds_to_first_token: float | None
     tokens: int
     seconds: float  # from the request to the last token
-    visual_tokens: int
+    visual_tokens: int | None  # image and video tokens in the prompt (None: not counted or not reported)
     dropped_turns: int = 0  # oldest exchanges left out to fit the context
+    notes: tuple[str, ...] = ()  # what the user should know about the inputs (e.g. a damaged video cut short)
+    prompt_tokens: int | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -211,7 +273,7 @@ class Snapshot:
     thinking: str
     answer: str
     done: bool = False
-    finish: str | None = None  # when done: "stop" | "cancelled" | "timeout" | "error"
+    finish: str | None = None  # when done: "stop" | "length" (token budget) | "cancelled" | "timeout" | "error"
     error: BaseException | None = None
     stats: Stats | None = None
 
@@ -220,8 +282,10 @@ class Generation:
     """One answer produced in a background thread; `updates()` hands its progress to the caller.
 
     Deltas whose `kind` attribute is "thinking" go to `thinking`, the rest to `answer`. Setting the
-    cancel event (or `cancel()`) stops the model within one step; a request running longer than the
-    time cap is cancelled with finish "timeout". Exceptions end up in `Snapshot.error`.
+    cancel event (or `cancel()`) stops the model within one step, and the family's slot is released as
+    soon as the pipeline returns (a request cancelled while it waits for the slot or for its model never
+    starts); a request running longer than the time cap is cancelled with finish "timeout". Exceptions end
+    up in `Snapshot.error`.
     """
 
     def __init__(self, manager: SessionManager, family: str, source: str, conversation: Any,
@@ -233,7 +297,7 @@ class Generation:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
-        self._thread = threading.Thread(target=self._run, name=f"vlm-session-{family}", daemon=True)
+        self._thread = threading.Thread(target=self._run_cancellable, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
 
     def snapshot(self) -> Snapshot:
@@ -264,6 +328,10 @@ class Generation:
         with self._lock:
             self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
 
+    def _run_cancellable(self) -> None:
+        with cancellation.scope(self._cancel):  # video probing and decoding, the vision encoders look at it
+            self._run()
+
     def _run(self) -> None:
         manager = self._manager
         timer = threading.Timer(manager.limits.max_seconds, self._time_up)
@@ -271,7 +339,7 @@ class Generation:
         start = time.perf_counter()
         first: float | None = None
         texts = {"thinking": "", "answer": ""}
-        tokens = 0
+        tokens, report = 0, Report(None, None, None)
         finish, error, stats = "stop", None, None
         try:
             manager.check(self._conversation, self._options)
@@ -281,20 +349,32 @@ class Generation:
                     self._update(status=f"Loading {self.family}…")
                     pipeline = manager.get(self.family, self.source,
                                            lambda _, message: self._update(status=message))
+                if acquired and not self._cancel.is_set():
                     self._update(status="Reading the inputs…")
                     start = time.perf_counter()
-                    conversation, deltas, dropped = self._open_stream(pipeline)
-                    for delta in deltas:
-                        first, tokens = first or time.perf_counter(), delta.tokens
-                        part = "thinking" if delta.kind == "thinking" else "answer"
-                        texts[part] += delta
-                        self._update(**{part: texts[part]})
-                    stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
-                                  visual_tokens(pipeline, conversation, self._options), dropped)
+                    with partial_videos() as partial:  # a damaged video: its frames before the damage, said so
+                        conversation, deltas, dropped = self._open_stream(pipeline)
+                        for delta in deltas:
+                            tokens = delta.tokens
+                            if delta.report is not None:  # the last delta: how the request went
+                                report = delta.report
+                                continue
+                            first = first or time.perf_counter()
+                            part = "thinking" if delta.kind == "thinking" else "answer"
+                            texts[part] += delta
+                            self._update(**{part: texts[part]})
+                        stats = Stats(None if first is None else first - start, tokens, time.perf_counter() - start,
+                                      report.visual_tokens, dropped, tuple(video.message for video in partial),
+                                      report.prompt_tokens)
+            # the family's slot is free from here on
             if self._timed_out.is_set():
                 finish = "timeout"
             elif self._cancel.is_set():
                 finish = "cancelled"
+            elif report.finish == "length":
+                finish = "length"
+        except Cancelled:
+            finish = "timeout" if self._timed_out.is_set() else "cancelled"
         except Exception as exc:  # handed to the caller, who shows it in that user's chat
             finish, error = "error", _out_of_memory(exc) or exc
         finally:
@@ -352,58 +432,39 @@ def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
 
 
 def segmentable(image: Any) -> Any:
-    """The decoded image, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT."""
-    from .media import load_image
+    """`image`, refused (InputError) when its aspect ratio exceeds MAX_SEGMENT_ASPECT (read from its header,
+    before anything is decoded)."""
+    from .media import image_header
 
-    image = load_image(image)
-    ratio = max(image.size) / min(image.size)
+    header = image_header(image)
+    ratio = max(header.width, header.height) / max(1, min(header.width, header.height))
     if ratio > MAX_SEGMENT_ASPECT:
-        raise InputError(f"The image is {image.width}x{image.height}, a 1:{ratio:.0f} strip; segmentation takes "
+        raise InputError(f"The image is {header.width}x{header.height}, a 1:{ratio:.0f} strip; segmentation takes "
                          f"aspect ratios up to 1:{MAX_SEGMENT_ASPECT}. Crop it and try again.")
     return image
 
 
-def visual_tokens(pipeline: Any, conversation: Any, options: dict[str, Any]) -> int:
-    """Image and video placeholder tokens in the prompt (0 for a text-only conversation)."""
-    if not media_items(normalize(conversation)):
-        return 0
+def text_chars(message: Any) -> int:
+    """Characters of text in a message (a string content, or its text parts)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    parts = [content] if isinstance(content, str) else content if isinstance(content, (list, tuple)) else []
+    texts = [p.get("text") if isinstance(p, dict) else p for p in parts]
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
+def checkpoint_family(directory: Path) -> str:
+    """The family a checkpoint directory's config.json names."""
     from .checkpoint import read_config
+    from .families import detect_family
 
-    config = read_config(pipeline.directory)
-    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
-    ids = {config[k] for k in keys if isinstance(config.get(k), int)}
-    media = {k: options[k] for k in ("min_pixels", "max_pixels", "fps", "num_frames") if options.get(k) is not None}
-    input_ids = pipeline.encode(conversation, **media)["input_ids"]
-    return sum(int((input_ids == i).sum()) for i in ids)
-
-
-def video_frames(source: Any, fps: float | None, num_frames: int | None) -> int:
-    """How many frames a video contributes with these settings (before rounding to the model's multiple)."""
-    if num_frames:
-        return int(num_frames)
-    from .media import probe_video
-
-    info = probe_video(source)
-    return min(info.num_frames, math.ceil(info.duration * fps)) if fps else info.num_frames
+    return detect_family(read_config(directory)).name
 
 
 def estimate_bytes(directory: Path, device: str = "auto", dtype: str = "auto") -> int:
     """Memory of a checkpoint's weights once loaded: floating tensors in the load dtype, others as stored."""
-    from safetensors import safe_open
+    from .checkpoint import resolve_device, resolve_dtype, weights_bytes
 
-    from .checkpoint import resolve_device, resolve_dtype, weight_files
-
-    itemsize = resolve_dtype(dtype, resolve_device(device)).itemsize
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    total = 0
-    for file in weight_files(Path(directory)):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                tensor = reader.get_slice(key)
-                kind = tensor.get_dtype()
-                size = itemsize if kind.startswith(("F", "BF")) else sizes.get(kind, 4)
-                total += math.prod(tensor.get_shape()) * size
-    return total
+    return weights_bytes(Path(directory), resolve_dtype(dtype, resolve_device(device)))
 
 
 def format_bytes(n: float) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -106,6 +106,85 @@ def save_weights(model: nn.Module, out_dir: Path, skip: tuple[str, ...] = (), sh
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+QWEN_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# The hub template of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct (chat_template.json).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+
+def write_qwen_vl(out_dir: Path, build: Callable[[dict[str, Any], dict[str, int]], nn.Module], names: dict[str, str],
+                  text: dict[str, Any], vision: dict[str, Any], processor: dict[str, Any],
+                  generation: dict[str, Any] | None, seed: int, tie_word_embeddings: bool, shard_bytes: int | None,
+                  extra_tokens: tuple[str, ...] = ()) -> Path:
+    """A tiny Qwen2-VL / Qwen2.5-VL checkpoint as the hub has them: flat config.json, hub tensor names,
+    tokenizer, chat_template.json, preprocessor and generation configs.
+
+    `build(config, token ids)` makes the model; `names` gives its "architecture", "model_type" and
+    "processor_class"; `extra_tokens` are special tokens after the shared ones.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_bpe(QWEN_VL_SPECIAL_TOKENS + list(extra_tokens))
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in QWEN_VL_SPECIAL_TOKENS}
+    config = _qwen_vl_config(names, text, vision, ids, tok.get_vocab_size(), tie_word_embeddings)
+    write_json(out_dir / "config.json", config)
+    model = build(config, ids)
+    randomize(model, seed)
+    save_weights(model, out_dir, skip=("lm_head.weight",) if tie_word_embeddings else (), shard_bytes=shard_bytes)
+    write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": text["max_position_embeddings"],
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "errors": "replace", "split_special_tokens": False, "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added_tokens_decoder(tok),
+    })
+    write_json(out_dir / "chat_template.json", {"chat_template": QWEN_VL_CHAT_TEMPLATE})
+    write_json(out_dir / "preprocessor_config.json", {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": names["processor_class"],
+        "patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"], **processor,
+    })
+    write_json(out_dir / "generation_config.json", {
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"], "do_sample": False,
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], **(generation or {}),
+    })
+    return out_dir
+
+
+def _qwen_vl_config(names: dict[str, str], text: dict[str, Any], vision: dict[str, Any], ids: dict[str, int],
+                    vocab: int, tie: bool) -> dict[str, Any]:
+    """config.json in the hub's flat layout (text fields at top level, rope_scaling with mrope)."""
+    text = dict(text)
+    section = text.pop("mrope_section")
+    vocab = max(vocab, text.pop("vocab_size", vocab))  # a larger embedding than the tokenizer, as on the hub
+    return {
+        "architectures": [names["architecture"]], "model_type": names["model_type"], **text,
+        "hidden_act": "silu", "vocab_size": vocab, "tie_word_embeddings": tie, "torch_dtype": "float32",
+        "rope_scaling": {"type": "mrope", "mrope_section": section}, "use_sliding_window": False,
+        "sliding_window": text["max_position_embeddings"], "max_window_layers": text["num_hidden_layers"],
+        "attention_dropout": 0.0, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"], "vision_config": vision,
+    }
 
 
 def write(family: str, out_dir: str | Path, **overrides: Any) -> Path:

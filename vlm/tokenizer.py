@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
-from datetime import datetime
+import struct
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .checkpoint import read_json
+from .checkpoint import read_json, read_text
+from .childio import read_exact
 from .errors import CheckpointError, InputError
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
@@ -54,14 +59,17 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Encode text in which special-token strings are special tokens (template output)."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        with _rust_panics("encoding"):
+            return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Encode text typed by a user: special-token strings stay plain text."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        with _rust_panics("encoding"):
+            return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with _rust_panics("decoding"):
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def encode_chat(self, messages: list[dict], **template_vars: Any) -> list[int]:
         """Render the chat template and encode it; user text can never produce special tokens.
@@ -87,14 +95,41 @@ def _tokenizer_config(directory: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+MAX_TOKENIZER_BYTES = 64 << 20  # tokenizer.json (real ones: 2-35 MB)
+# Text a tokenizer must encode at load: runs of letters, spaces, digits, newlines and accents that a
+# pre-tokenizer regex with nested repetition (a ReDoS pattern) fails on.
+PROBE_TEXT = "a" * 256 + "!" + " " * 256 + "a" + "1" * 256 + "x" + "\n" * 64 + "é" * 128 + "?" + "ab " * 64 + "."
+
+
 def _load_backend(directory: Path) -> HFTokenizer:
+    """tokenizer.json, read (bounded in size) and tried on PROBE_TEXT."""
     path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no tokenizer.json.")
+    text = read_text(path, MAX_TOKENIZER_BYTES)
     try:
-        if path.is_file():
-            return HFTokenizer.from_file(str(path))
+        with _rust_panics(f"reading {path}"):
+            backend = HFTokenizer.from_str(text)
+    except CheckpointError:
+        raise
     except Exception as exc:  # tokenizers raises plain Exception on malformed files
         raise CheckpointError(f"Cannot read {path}: {exc}") from exc
-    raise CheckpointError(f"{directory} has no tokenizer.json.")
+    with _rust_panics(f"trying {path} on plain text"):
+        backend.encode(PROBE_TEXT, add_special_tokens=False)
+    return backend
+
+
+@contextmanager
+def _rust_panics(what: str) -> Iterator[None]:
+    """Turn a panic inside the tokenizers library (a pyo3 PanicException, which derives from
+    BaseException: e.g. a pre-tokenizer regex over its backtracking limit) into a CheckpointError."""
+    try:
+        yield
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CheckpointError(f"The tokenizer failed while {what} ({str(exc)[:200]}); its tokenizer.json is broken "
+                              "or hostile.") from None
 
 
 def _user_texts(messages: list[dict]):
@@ -121,69 +156,103 @@ def _replace_user_texts(messages: list[dict], replacements) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- template
+SAFE_RENDER = Path(__file__).with_name("safe_render.py")
+TEMPLATE_SECONDS = 5.0  # one render (real templates take milliseconds)
+TEMPLATE_START_SECONDS = 30.0  # starting the child and compiling a template
+TEMPLATE_MEMORY = 512 << 20  # the child's memory beyond what it maps at start
+# A render may write this many times the characters of its input, plus this many: a template only lays
+# out the conversation, so more is a broken or hostile one.
+TEMPLATE_OUTPUT_FACTOR, TEMPLATE_OUTPUT_EXTRA = 4, 1 << 20
+_MAX_TEMPLATE_BYTES = 1 << 20
 
 
 class ChatTemplate:
-    """A Jinja chat template rendered in a sandbox with the helpers hub templates use."""
+    """A checkpoint's Jinja chat template, rendered in Jinja's sandbox inside a child process (see
+    vlm/safe_render.py) with a deadline, a memory cap and an output cap."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols", _GenerationBlock])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(source)
-        except jinja2.TemplateError as exc:
-            raise CheckpointError(f"The chat template does not parse: {exc}") from exc
+        if not isinstance(source, str) or len(source) > _MAX_TEMPLATE_BYTES:
+            raise CheckpointError(f"The chat template must be a string of at most {_MAX_TEMPLATE_BYTES:,} characters.")
         self.source = source
         self.special_tokens = special_tokens or {}
+        _renderer.call({"op": "compile", "source": source}, TEMPLATE_START_SECONDS)
 
     @classmethod
     def find(cls, directory: Path, tokenizer_config: dict[str, Any], special_tokens: dict[str, str]) -> "ChatTemplate | None":
         """The template from chat_template.jinja, chat_template.json or tokenizer_config.json."""
         jinja_file, json_file = directory / "chat_template.jinja", directory / "chat_template.json"
         if jinja_file.is_file():
-            source = jinja_file.read_text(encoding="utf-8")
+            source = read_text(jinja_file, _MAX_TEMPLATE_BYTES)
         elif json_file.is_file():
             source = read_json(json_file).get("chat_template")
         else:
             source = tokenizer_config.get("chat_template")
         if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}]
-            named = {t.get("name"): t.get("template") for t in source}
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default") or next(iter(named.values()), None)
         return cls(source, special_tokens) if source else None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens, **variables)
-        except TemplateInputError as exc:
-            raise InputError(f"The chat template rejected the conversation: {exc}") from exc
-        except jinja2.TemplateError as exc:
-            raise InputError(f"The chat template failed on this conversation: {exc}") from exc
+        values = {"messages": messages, "add_generation_prompt": add_generation_prompt, **self.special_tokens,
+                  **variables}
+        size = len(json.dumps(values, default=str))
+        request = {"op": "render", "source": self.source, "variables": values,
+                   "max_chars": TEMPLATE_OUTPUT_FACTOR * size + TEMPLATE_OUTPUT_EXTRA}
+        return _renderer.call(request, TEMPLATE_SECONDS)["text"]
 
 
-class _GenerationBlock(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks) renders its body as is."""
+class _TemplateChild:
+    """The process-wide template child (vlm/safe_render.py): started on first use, one request at a
+    time, killed past a deadline or when it misbehaves and started again for the next request."""
 
-    tags = {"generation"}
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen | None = None
 
-    def parse(self, parser):
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The child's reply; its refusals and failures become vlm.errors exceptions."""
+        with self._lock:
+            if self._child is None or self._child.poll() is not None:
+                self._child = subprocess.Popen([sys.executable, "-I", str(SAFE_RENDER), str(TEMPLATE_MEMORY)],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                               stderr=subprocess.DEVNULL, bufsize=0, env=_child_env())
+                timeout = max(timeout, TEMPLATE_START_SECONDS)
+            try:
+                reply = self._exchange(request, time.monotonic() + timeout)
+            except (TimeoutError, EOFError, OSError, ValueError) as exc:
+                self.close()
+                what = f"took longer than {timeout:g} s" if isinstance(exc, TimeoutError) else "crashed"
+                raise CheckpointError(f"The chat template {what} (it may loop or need more memory than this server "
+                                      "allows); the checkpoint's template is broken or hostile.") from None
+        if reply.get("ok"):
+            return reply
+        error = InputError if reply.get("kind") == "input" else CheckpointError
+        raise error(str(reply.get("message")))
+
+    def _exchange(self, request: dict[str, Any], deadline: float) -> dict[str, Any]:
+        data = json.dumps(request, default=str).encode()
+        self._child.stdin.write(struct.pack("<Q", len(data)) + data)
+        (size,) = struct.unpack("<Q", read_exact(self._child.stdout, 8, deadline))
+        reply = json.loads(read_exact(self._child.stdout, size, deadline))
+        if not isinstance(reply, dict):
+            raise ValueError("not a reply")
+        return reply
+
+    def close(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait()
+            self._child.stdin.close()
+            self._child.stdout.close()
+            self._child = None
 
 
-class TemplateInputError(Exception):
-    """raise_exception() called by a template."""
+def _child_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT") if k in os.environ}
 
 
-def _raise_exception(message: str):
-    raise TemplateInputError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+_renderer = _TemplateChild()
+atexit.register(_renderer.close)
 
 
 # ---------------------------------------------------------------------------------------------- streaming

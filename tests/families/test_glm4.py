@@ -11,7 +11,7 @@ import vlm
 import vlm.tiny
 from tests.parity import assert_same_greedy, reference_greedy
 from vlm.errors import InputError
-from vlm.families.glm4.tiny import CHAT_TEMPLATE
+from vlm.families.glm4.tiny import CHAT_TEMPLATE, Z1_CHAT_TEMPLATE
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,9 +27,6 @@ SYSTEM = {"role": "system", "content": "You are a terse assistant."}
 MULTI_TURN = [SYSTEM, {"role": "user", "content": "What is in this image? Describe the video."},
               {"role": "assistant", "content": "A cat sits on a red sofa next to a window."},
               {"role": "user", "content": [{"type": "text", "text": "How many dogs run across the grass?"}]}]
-# GLM-Z1's template: as GLM-4's, but the generation prompt opens the reasoning.
-Z1_TEMPLATE = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>{% endif %}",
-                                    "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -120,7 +117,7 @@ def test_transformers_layout_and_shards(checkpoint, ours, reference, tmp_path):
 # ------------------------------------------------------------------------------------ thinking (GLM-Z1 style)
 @pytest.fixture(scope="module")
 def z1(tmp_path_factory):
-    return vlm.load(vlm.tiny.write("glm4", tmp_path_factory.mktemp("z1"), seed=3, chat_template=Z1_TEMPLATE),
+    return vlm.load(vlm.tiny.write("glm4", tmp_path_factory.mktemp("z1"), seed=3, chat_template=Z1_CHAT_TEMPLATE),
                     dtype="float32")
 
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 import vlm
 import vlm.tiny
 from tests.parity import assert_same_greedy, reference_greedy
+from tests.scripted import script
 from vlm.boxes import parse_boxes
 from vlm.errors import InputError
 from vlm.media import probe_video
@@ -180,23 +181,6 @@ def test_media_options(ours, media_dir):
 
 
 # ------------------------------------------------------------------------------- thinking and boxes, scripted
-def _script(pipe, monkeypatch, names: list[str], then: str = "a"):
-    """Make the model emit the tokens of `names` then the first token of `then` forever, whatever the input."""
-    ids = [i for n in names for i in pipe.tokenizer.encode(n)]
-    fallback = pipe.tokenizer.encode(then)[0]
-    step = {"n": 0}
-    original = pipe.model.logits
-
-    def logits(hidden):
-        out = torch.zeros(hidden.shape[0], original(hidden).shape[-1])
-        out[:, ids[step["n"]] if step["n"] < len(ids) else fallback] = 10.0
-        step["n"] += 1
-        return out
-
-    monkeypatch.setattr(pipe.model, "logits", logits)
-    return step
-
-
 SCRIPT = ["<think>", "Look", " at", " the", " cat", "</think>", "<answer>", "The", " cat", " is", " at", " ",
           "<|begin_of_box|>", "[", "100", ",", "200", ",", "300", ",", "400", "]", "<|end_of_box|>", "</answer>"]
 
@@ -208,14 +192,14 @@ def small(tmp_path_factory):
 
 def test_reasoning_answer_and_boxes(small, monkeypatch):
     conv = [{"role": "user", "content": "Where is the cat?"}]
-    _script(small, monkeypatch, SCRIPT)
+    script(small, monkeypatch, SCRIPT)
     out = small.generate(conv, max_new_tokens=40, do_sample=False, repetition_penalty=1.0)[0]
     assert out.finish_reason == "stop"  # </answer> is an end token of GLM-4.1V
     assert out.reasoning == "Look at the cat"
     assert out.text == "The cat is at <|begin_of_box|>[100,200,300,400]<|end_of_box|>"
     (box,) = parse_boxes(out.text)
     assert (box.x1, box.y1, box.x2, box.y2) == (0.1, 0.2, 0.3, 0.4)
-    _script(small, monkeypatch, SCRIPT)
+    script(small, monkeypatch, SCRIPT)
     deltas = list(small.stream(conv, max_new_tokens=40, do_sample=False, repetition_penalty=1.0))
     assert "".join(d for d in deltas if d.kind == "thinking") == out.reasoning
     assert "".join(d for d in deltas if d.kind == "answer") == out.text
@@ -224,7 +208,7 @@ def test_reasoning_answer_and_boxes(small, monkeypatch):
 
 def test_thinking_budget_forces_the_answer(small, monkeypatch):
     conv = [{"role": "user", "content": "Where is the cat?"}]
-    _script(small, monkeypatch, ["<think>"], then=" the")
+    script(small, monkeypatch, ["<think>"], then=" the")
     out = small.generate(conv, max_new_tokens=12, do_sample=False, repetition_penalty=1.0, thinking_budget=3)[0]
     close, answer = small.tokenizer.token_id("</think>"), small.tokenizer.token_id("<answer>")
     assert out.token_ids[4:6] == [close, answer]  # <think>, 3 reasoning tokens, then the forced tags

@@ -14,7 +14,7 @@ from vlm.families.groupvit.overlay import (OKABE_ITO, TOL_MUTED, boundary, legen
                                            render, text_color)
 from vlm.families.groupvit.segmentation import BACKGROUND, Segmentation
 
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 LABELS = ("cat", "dog", "grass", "kite", "unicorn")  # "unicorn" has no pixels
 
 
@@ -40,7 +40,7 @@ def layout(height: int, width: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def seg() -> Segmentation:
-    return make_segmentation(Image.open(MEDIA / "coco.jpg").convert("RGB"))
+    return make_segmentation(Image.open(ASSETS / "cat.png").convert("RGB").resize((448, 448)))
 
 
 def blend(seg: Segmentation, opacity: float) -> np.ndarray:
@@ -209,7 +209,9 @@ def test_overlay_of_a_real_segmentation_saves_as_png(tmp_path):
 
     directory = write_tiny(tmp_path / "tiny")
     pipe = load(directory, read_config(directory), torch.device("cpu"), torch.float32)
-    result = pipe.segment(MEDIA / "waterview.jpg", ["sky", "water", "tree"])
+    wide = tmp_path / "wide.png"  # GroupViT slides windows over an image wider than it is tall
+    Image.open(ASSETS / "street.png").convert("RGB").resize((1000, 667)).save(wide)
+    result = pipe.segment(wide, ["sky", "water", "tree"])
     result.overlay().save(tmp_path / "overlay.png")
     saved = Image.open(tmp_path / "overlay.png")
     assert saved.width >= 1000 and saved.height > 667

@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 
 import vlm
 import vlm.tiny
-from tests.parity import assert_same_greedy, reference_greedy
+from tests.parity import (assert_same_greedy, image_conv, multi_turn_conv, opened, original_text_after_video,
+                          padded_batch, reference_greedy)
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,21 +46,14 @@ def ours(checkpoint):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    original_text_after_video(model)  # the trained models' rule for the text after a video
     processor = transformers.AutoProcessor.from_pretrained(checkpoint)
     processor.image_processor = transformers.AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     return model, processor
 
 
-def _image_conv(paths, text="What is in the picture?"):
-    return [{"role": "user", "content": [*({"type": "image", "path": p} for p in paths), {"type": "text", "text": text}]}]
-
-
 def _reference_inputs(processor, conversations, **kwargs):
     """Reference processor inputs; image paths are opened as PIL images (as the model card does)."""
-    def opened(conv):
-        return [{**m, "content": m["content"] if isinstance(m["content"], str) else [
-            {"type": "image", "image": Image.open(p["path"])} if p["type"] == "image" else p for p in m["content"]]}
-            for m in conv]
     processor.tokenizer.padding_side = "left"
     return processor.apply_chat_template([opened(c) for c in conversations], add_generation_prompt=True,
                                          tokenize=True, return_dict=True, return_tensors="pt",
@@ -82,27 +76,20 @@ def _check(ours, reference, conversations):
 
 
 def test_one_image(ours, reference, media_dir):
-    _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+    _check(ours, reference, [image_conv([f"{media_dir}/extreme_ironing.jpg"])])
 
 
 def test_two_images(ours, reference, media_dir):
-    _check(ours, reference, [_image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"], "Compare them.")])
+    _check(ours, reference, [image_conv([f"{media_dir}/waterview.jpg", f"{media_dir}/coco.jpg"], "Compare them.")])
 
 
 def test_multi_turn(ours, reference, media_dir):
-    conv = _image_conv([f"{media_dir}/llava_v1_5_radar.jpg"], "What chart is this?") + [
-        {"role": "assistant", "content": "A radar chart of benchmark scores."},
-        {"role": "user", "content": [{"type": "image", "path": f"{media_dir}/voc.jpg"},
-                                     {"type": "text", "text": "And this one?"}]},
-    ]
-    _check(ours, reference, [conv])
+    _check(ours, reference, [multi_turn_conv(media_dir)])
 
 
 def test_left_padded_batch(ours, reference, media_dir):
-    short = [{"role": "user", "content": "Hi"}]
-    long = _image_conv([f"{media_dir}/ctx.jpg", f"{media_dir}/extreme_ironing.jpg"], "Describe both pictures in detail.")
-    _check(ours, reference, [short, long])
-    _check(ours, reference, [_image_conv([f"{media_dir}/coco.jpg"]), _image_conv([f"{media_dir}/waterview.jpg"], "Hm?")])
+    _check(ours, reference, padded_batch(media_dir))
+    _check(ours, reference, [image_conv([f"{media_dir}/coco.jpg"]), image_conv([f"{media_dir}/waterview.jpg"], "Hm?")])
 
 
 def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
@@ -110,8 +97,8 @@ def test_the_test_sees_the_image(ours, reference, media_dir, tmp_path):
     model, processor = reference
     mirrored = tmp_path / "mirrored.png"
     ImageOps.mirror(Image.open(f"{media_dir}/extreme_ironing.jpg").convert("RGB")).save(mirrored)
-    original = _check(ours, reference, [_image_conv([f"{media_dir}/extreme_ironing.jpg"])])
-    flipped = _check(ours, reference, [_image_conv([str(mirrored)])])
+    original = _check(ours, reference, [image_conv([f"{media_dir}/extreme_ironing.jpg"])])
+    flipped = _check(ours, reference, [image_conv([str(mirrored)])])
     assert original != flipped
 
 
@@ -143,9 +130,29 @@ def test_video(ours, reference, media_dir, pancake_frames, sampling):
     assert our_inputs["video_grid_thw"].tolist() == ref_inputs["video_grid_thw"].tolist()
     assert our_inputs["input_ids"].tolist() == ref_inputs["input_ids"].tolist()
     torch.testing.assert_close(our_inputs["pixel_values_videos"], ref_inputs["pixel_values_videos"], atol=1e-5, rtol=0)
+    rope_args = (ref_inputs["input_ids"], ref_inputs["mm_token_type_ids"], None, ref_inputs["video_grid_thw"])
+    assert torch.equal(our_inputs["positions"], model.model.get_rope_index(*rope_args)[0])
     theirs, gaps = reference_greedy(model, ref_inputs, STEPS, repetition_penalty=1.0)
     ours_out = ours.generate(conv, max_new_tokens=STEPS, do_sample=False, repetition_penalty=1.0, **sampling)[0]
     assert_same_greedy(ours_out.token_ids, theirs[0], gaps[0], ours.stop_ids)
+
+
+def test_text_after_a_video_starts_after_its_last_frame_group(checkpoint, ours, media_dir):
+    """At 2 fps the clip has 10 frame groups over a grid at most 7 merged tokens wide: the original rule (text at
+    the largest position + 1) and the pinned reference's (at start + max(h, w) / merge) part here."""
+    conv = [{"role": "user", "content": [{"type": "video", "path": f"{media_dir}/video/flipping_a_pancake.mkv"},
+                                         {"type": "text", "text": "What happens?"}]}]
+    inputs = ours.encode(conv)
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    merge = ours.build_inputs.settings.merge_size
+    assert t - 1 > max(h, w) // merge
+    video = inputs["input_ids"][0] == ours.model.video_token_id
+    after = int(video.nonzero().max()) + 1
+    assert inputs["positions"][:, 0, after].tolist() == [int(inputs["positions"][:, 0, video].max()) + 1] * 3
+    unpatched = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    types = video.long()[None] * 2
+    positions, _ = unpatched.model.get_rope_index(inputs["input_ids"], types, None, inputs["video_grid_thw"])
+    assert not torch.equal(positions, inputs["positions"])
 
 
 def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, media_dir, tmp_path):
@@ -156,14 +163,14 @@ def test_nested_and_sharded_layouts_match_flat(checkpoint, ours, reference, medi
     processor.save_pretrained(nested)
     config = json.loads((nested / "config.json").read_text())
     assert "text_config" in config and os.path.exists(nested / "model.safetensors.index.json")
-    conv = [_image_conv([f"{media_dir}/coco.jpg"])]
+    conv = [image_conv([f"{media_dir}/coco.jpg"])]
     expected = ours.generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids
     assert vlm.load(nested, dtype="float32").generate(conv, max_new_tokens=STEPS, do_sample=False)[0].token_ids == expected
 
 
 def test_the_test_sees_mrope_positions(ours, reference, media_dir, monkeypatch):
     """Discrimination: with plain 1-D positions our tokens no longer match the reference."""
-    conv = [_image_conv([f"{media_dir}/extreme_ironing.jpg"])]
+    conv = [image_conv([f"{media_dir}/extreme_ironing.jpg"])]
     model, processor = reference
     theirs, _ = reference_greedy(model, _reference_inputs(processor, conv), STEPS, repetition_penalty=1.0)
     build = ours.build_inputs

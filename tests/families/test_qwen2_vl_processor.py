@@ -20,7 +20,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 from transformers.video_utils import VideoMetadata, load_video
 
 from vlm.errors import InputError, VideoDecodeError
-from vlm.families.qwen2_vl.processor import (
+from vlm.processing.qwen_vl import (
     VideoSettings,
     VisionSettings,
     preprocess_frames,
@@ -104,7 +104,7 @@ def test_smart_resize_matches_reference():
     with pytest.raises(ValueError):
         ref_smart_resize(10, 2010)
     with pytest.raises(InputError, match="aspect ratio"):
-        smart_resize(10, 2010)
+        smart_resize(10, 2010, 28, 56 * 56, 28 * 28 * 1280)
     with pytest.raises(InputError, match="aspect ratio"):
         preprocess_images([Image.new("RGB", (2010, 10))], VisionSettings())
 

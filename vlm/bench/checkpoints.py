@@ -24,11 +24,19 @@ class ModelSpec:
 MODELS = {
     # the tests' tiny config: checks the benchmark itself in seconds
     "qwen2_vl_tiny": ModelSpec("qwen2_vl"),
+    "qwen2_5_vl_tiny": ModelSpec("qwen2_5_vl"),
     # Qwen/Qwen2-VL-2B-Instruct
     "qwen2_vl_2b": ModelSpec("qwen2_vl", dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, mrope_section=[16, 24, 24], vocab_size=151936, max_position_embeddings=32768),
         vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2),
+        processor=dict(min_pixels=3136, max_pixels=12845056))),
+    # Qwen/Qwen2.5-VL-3B-Instruct
+    "qwen2_5_vl_3b": ModelSpec("qwen2_5_vl", dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], vocab_size=151936, max_position_embeddings=128000),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                    spatial_merge_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         processor=dict(min_pixels=3136, max_pixels=12845056))),
     # llava-hf/llava-onevision-qwen2-0.5b-ov-hf (SigLIP so400m + Qwen2-0.5B)
     "llava_onevision_0.5b": ModelSpec("llava_onevision", dict(
@@ -55,7 +63,12 @@ def build_checkpoint(name: str, cache: Path, dtype: str) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)  # absent, unfinished, or written from another spec
     print(f"writing a random {name} checkpoint into {target} (once) ...", flush=True)
-    write_tiny(spec.family, target, **spec.overrides)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in the stored dtype: a 3B model in float32 is 15 GB
+    try:
+        write_tiny(spec.family, target, **spec.overrides)
+    finally:
+        torch.set_default_dtype(default)
     if dtype != "float32":
         _convert(target, getattr(torch, dtype))
     marker.write_text(stamp)

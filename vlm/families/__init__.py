@@ -36,6 +36,8 @@ FAMILIES = {
     f.name: f
     for f in (
         Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLForConditionalGeneration",), "Qwen/Qwen2-VL-2B-Instruct"),
+        Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLForConditionalGeneration",),
+               "Qwen/Qwen2.5-VL-3B-Instruct"),
         Family("llava_onevision", ("llava_onevision",), ("LlavaOnevisionForConditionalGeneration",),
                "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"),
         Family("groupvit", ("groupvit",), ("GroupViTModel",), "nvidia/groupvit-gcc-yfcc"),

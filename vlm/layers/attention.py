@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -171,15 +173,36 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Bidirectional attention confined to consecutive segments (one image or frame each).
+SMALL_SEGMENT = 256  # runs of segments of one length up to this are attended as one batch
 
-    q, k, v: (N, H, D) packed over all segments -> (N, H, D). No cross-segment mask is built.
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Bidirectional attention confined to consecutive segments (one image, frame or window each).
+
+    q, k, v: (N, H, D) packed over all segments -> (N, H, D). No cross-segment mask is built; a run of
+    small segments of one length (Qwen2.5-VL's windows, small video frames) is one batched attention.
     """
-    outs = []
-    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
-        outs.append(full_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None])[0])
-    return torch.cat(outs, dim=1).transpose(0, 1)
+    outs, start = [], 0
+    for length, count in _batches(lengths):
+        end = start + length * count
+        qs, ks, vs = (t[start:end].view(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out = full_attention(qs, ks, vs) if count == 1 or q.device.type != "cpu" else _batched_attention(qs, ks, vs)
+        outs.append(out.transpose(1, 2).reshape(end - start, *q.shape[1:]))
+        start = end
+    return torch.cat(outs)
+
+
+def _batches(lengths: list[int]):
+    """(segment length, how many segments in one batch) for consecutive segments."""
+    for length, run in itertools.groupby(lengths):
+        count = len(list(run))
+        yield from [(length, count)] if length <= SMALL_SEGMENT else [(length, 1)] * count
+
+
+def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention of many short segments at once, as `cpu_attention` computes one: (B, H, L, D)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import cancellation
 from ..checkpoint import rope_config
 from .attention import KVCache, SelfAttention
 from .mlp import GatedMLP
@@ -83,6 +84,7 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
+            cancellation.check()
             x = layer(x, cos, sin, cache, mask)
         cache.commit(embeds.shape[1])
         return self.norm(x)

@@ -25,13 +25,13 @@ def activation(name: str):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), the Llama/Qwen2 MLP."""
+    """down(act(gate(x)) * up(x)), the Llama/Qwen2 MLP (with biases in Qwen2.5-VL's vision tower)."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "silu"):
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = activation(act)
         self.gate_up_proj: PackedLinear | None = None
 

@@ -9,10 +9,22 @@ VLM_DEVICE, VLM_DTYPE   as vlm.load (default "auto")
 VLM_MEMORY_BUDGET_GB    weights kept loaded at once (default: 90% of GPU memory, else 70% of RAM)
 VLM_QUEUE_SIZE          requests waiting in Gradio's queue (default 32)
 VLM_CONCURRENCY         requests served at once per family (default 1)
-VLM_SESSION_CAPACITY    browser or API sessions whose state Gradio keeps; the oldest are dropped (default 1000)
+VLM_SESSION_CAPACITY, VLM_SESSION_MEMORY
+                        browser or API sessions kept, and the memory of their state (default 1000, "512mb");
+                        beyond either, empty and then long-unused sessions are dropped (see vlm/ui/sessions.py)
+VLM_SESSION_IDLE_MINUTES  a session unused this long is closed, its uploads deleted (default 60)
+VLM_SESSION_KEEP_MINUTES  a session used this recently is never dropped for a new one (default 10)
 VLM_MAX_NEW_TOKENS, VLM_MAX_IMAGES, VLM_MAX_FRAMES, VLM_MAX_SECONDS
                         per-request caps (default 2048 tokens, 8 images, 64 video frames, 300 s)
+VLM_MAX_MESSAGE_CHARS, VLM_MAX_CONVERSATION_CHARS
+                        text of one message (or system prompt) and of a whole conversation (default 16000, 100000)
 VLM_MAX_FILE_SIZE       largest upload, and largest video file decoded (default "50mb")
+VLM_SESSION_UPLOADS, VLM_UPLOADS_TOTAL
+                        uploads one session may use, and uploads kept on the server's disk (default "200mb", "2gb")
+VLM_MAX_REQUEST_SIZE    largest request body other than an upload (default "1mb")
+VLM_MAX_CONNECTIONS     open connections; beyond it the oldest connection without a request is closed (default 500)
+VLM_HEADER_SECONDS, VLM_KEEPALIVE_SECONDS
+                        time to send a request's headers, and to keep an idle connection open (default 10, 5)
 VLM_MAX_IMAGE_PIXELS    largest image decoded, width x height (default 64000000)
 VLM_MAX_VIDEO_SECONDS, VLM_MAX_VIDEO_RESOLUTION, VLM_MAX_VIDEO_FRAMES
                         longest video, largest frame ("3840x2160" or a pixel count) and most frames in a
@@ -21,17 +33,30 @@ VLM_DECODE_SECONDS      time limit of one video probe or decode, in a child proc
 VLM_CONTEXT_OVERFLOW    a prompt longer than the model's context: "truncate" the oldest exchanges
                         (default) or "error"
 VLM_CUSTOM_CHECKPOINTS=1  let users type any hub id or local directory in the checkpoint box
+VLM_API_KEY             when set, the OpenAI-compatible /v1 routes need "Authorization: Bearer <key>"
+VLM_API_ALLOWED_HOSTS   comma-separated hosts whose http(s) image/video URLs the API fetches (default: none)
+VLM_API_MAX_REQUEST_SIZE  largest API request body (default "100mb")
+VLM_REMOTE_<FAMILY>     serve a family from an OpenAI-compatible server, e.g. http://gpu-box:8000/v1, with
+                        VLM_REMOTE_<FAMILY>_API_KEY, VLM_REMOTE_<FAMILY>_MODEL and VLM_REMOTE_TIMEOUT (120 s)
+VLM_REMOTE_CONCURRENCY  requests a remote family streams at once (default 8; the server batches them)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from ..api import ApiSettings
+from ..api_request import Bounds
+from ..families import FAMILIES
 from ..media import MediaLimits
+from ..remote import RemoteServer, servers_from_env
 from ..session import Limits
+from .server import ServerLimits
+from .sessions import SessionLimits
+from .uploads import UploadLimits
 
 
 @dataclass(frozen=True)
@@ -46,10 +71,14 @@ class Settings:
     queue_size: int
     concurrency: int
     limits: Limits
-    max_file_size: str
     custom_checkpoints: bool
     media: MediaLimits = MediaLimits()
-    session_capacity: int = 1000
+    sessions: SessionLimits = SessionLimits()
+    uploads: UploadLimits = UploadLimits()
+    server: ServerLimits = ServerLimits()
+    api: ApiSettings = ApiSettings()
+    remote: dict[str, RemoteServer] = field(default_factory=dict)  # families served by another server
+    remote_concurrency: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -64,7 +93,11 @@ class Settings:
         overflow = env.get("VLM_CONTEXT_OVERFLOW", "truncate").strip().lower()
         if overflow not in ("truncate", "error"):
             raise ValueError(f"VLM_CONTEXT_OVERFLOW={overflow!r}; use truncate or error.")
-        max_file_size = env.get("VLM_MAX_FILE_SIZE", "50mb")
+
+        def size(name: str, default: int) -> int:
+            value = env.get(name, "").strip()
+            return file_size(value, name) if value else default
+
         defaults = MediaLimits()
         device = env.get("VLM_DEVICE", "auto")
         return cls(
@@ -83,29 +116,58 @@ class Settings:
                 max_images=int(number("VLM_MAX_IMAGES", Limits.max_images)),
                 max_frames=int(number("VLM_MAX_FRAMES", Limits.max_frames)),
                 max_seconds=number("VLM_MAX_SECONDS", Limits.max_seconds),
+                max_message_chars=int(number("VLM_MAX_MESSAGE_CHARS", Limits.max_message_chars)),
+                max_conversation_chars=int(number("VLM_MAX_CONVERSATION_CHARS", Limits.max_conversation_chars)),
                 context_overflow=overflow,
             ),
-            max_file_size=max_file_size,
             custom_checkpoints=flag(env.get("VLM_CUSTOM_CHECKPOINTS")),
-            session_capacity=int(number("VLM_SESSION_CAPACITY", 1000)),
+            sessions=SessionLimits(
+                capacity=int(number("VLM_SESSION_CAPACITY", SessionLimits.capacity)),
+                memory_bytes=size("VLM_SESSION_MEMORY", SessionLimits.memory_bytes),
+                idle_seconds=60 * number("VLM_SESSION_IDLE_MINUTES", SessionLimits.idle_seconds / 60),
+                keep_seconds=60 * number("VLM_SESSION_KEEP_MINUTES", SessionLimits.keep_seconds / 60),
+            ),
+            uploads=UploadLimits(
+                file_bytes=size("VLM_MAX_FILE_SIZE", UploadLimits.file_bytes),
+                session_bytes=size("VLM_SESSION_UPLOADS", UploadLimits.session_bytes),
+                total_bytes=size("VLM_UPLOADS_TOTAL", UploadLimits.total_bytes),
+            ),
+            server=ServerLimits(
+                request_bytes=size("VLM_MAX_REQUEST_SIZE", ServerLimits.request_bytes),
+                connections=int(number("VLM_MAX_CONNECTIONS", ServerLimits.connections)),
+                header_seconds=number("VLM_HEADER_SECONDS", ServerLimits.header_seconds),
+                keepalive_seconds=number("VLM_KEEPALIVE_SECONDS", ServerLimits.keepalive_seconds),
+            ),
             media=MediaLimits(
                 max_image_pixels=int(number("VLM_MAX_IMAGE_PIXELS", defaults.max_image_pixels)),
-                max_video_bytes=file_size(max_file_size),
+                max_video_bytes=size("VLM_MAX_FILE_SIZE", UploadLimits.file_bytes),
                 max_video_seconds=number("VLM_MAX_VIDEO_SECONDS", defaults.max_video_seconds),
                 max_video_pixels=resolution(env.get("VLM_MAX_VIDEO_RESOLUTION", ""), defaults.max_video_pixels),
                 max_video_frames=int(number("VLM_MAX_VIDEO_FRAMES", defaults.max_video_frames)),
                 decode_seconds=number("VLM_DECODE_SECONDS", defaults.decode_seconds),
             ),
+            api=ApiSettings(
+                key=env.get("VLM_API_KEY") or None,
+                allowed_hosts=tuple(h.strip() for h in env.get("VLM_API_ALLOWED_HOSTS", "").split(",") if h.strip()),
+                max_request_bytes=file_size(env.get("VLM_API_MAX_REQUEST_SIZE", "100mb"), "VLM_API_MAX_REQUEST_SIZE"),
+            ),
+            remote=servers_from_env(env, FAMILIES),
+            remote_concurrency=int(number("VLM_REMOTE_CONCURRENCY", 8)),
         )
 
+    def request_bounds(self) -> Bounds:
+        """What an API request is checked against: the chat tab's caps and upload limits."""
+        return Bounds(self.limits.max_new_tokens, self.limits.max_images, self.limits.max_frames,
+                      self.media.max_video_bytes, self.media.max_image_pixels, self.api.allowed_hosts)
 
-def file_size(value: str) -> int:
+
+def file_size(value: str, name: str = "VLM_MAX_FILE_SIZE") -> int:
     """Bytes in a size as Gradio's max_file_size reads it: "50mb" -> 52428800 (units b, kb, mb, gb, tb)."""
     text = value.strip().lower().replace(" ", "")
     digits = len(text) - len(text.lstrip("0123456789"))
     units = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
     if not digits or text[digits:] not in units:
-        raise ValueError(f"VLM_MAX_FILE_SIZE={value!r} is not a size like 50mb.")
+        raise ValueError(f"{name}={value!r} is not a size like 50mb.")
     return int(text[:digits]) * units[text[digits:]]
 
 

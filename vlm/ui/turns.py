@@ -5,19 +5,18 @@ No Gradio import: messages are the plain dicts `gr.Chatbot` takes.
 
 from __future__ import annotations
 
-import mimetypes
-import re
+import secrets
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..boxes import parse_boxes, strip_markup
-from ..errors import InputError, VLMError
+from ..boxes import FrameRule, parse_boxes, relative_frame, strip_markup
+from ..errors import InputError, error_text
 from ..media import load_image
-from ..session import Snapshot, Stats
+from ..session import Snapshot, Stats, text_chars
+from .uploads import media_kind
 
 Message = dict[str, Any]
 
@@ -33,25 +32,37 @@ class ChatState:
     """Per-user state kept in the Gradio session: gr.State(ChatState()) deep-copies it into a fresh one."""
 
     def __init__(self) -> None:
+        self.key = secrets.token_hex(8)  # the page keeps it: a page whose key differs lost its session
         self.turns: list[Turn] = []
         self.shown: list[Message] = []  # the chatbot's messages
-        self.cancel = threading.Event()  # set by Stop / Clear
+        self.cancel = threading.Event()  # the answer being written stops when it is set (Stop / Clear)
         self.busy = False  # an answer is being written
 
     def __deepcopy__(self, memo: dict) -> "ChatState":
         return ChatState()
 
-    def conversation(self, system: str) -> list[Message]:
-        """System prompt, earlier answered turns, and the last user message."""
+    @property
+    def nbytes(self) -> int:
+        """Estimated memory of the chat: its text as the model sees it and as shown, and a little per message."""
+        text = sum(text_chars(t.user) + len(t.answer or "") for t in self.turns) + sum(map(text_chars, self.shown))
+        return text + 256 * (len(self.turns) + len(self.shown))
+
+    def conversation(self, system: str, question: Message | None = None) -> list[Message]:
+        """System prompt, earlier answered turns, and the last user message (`question` after every turn,
+        else the last turn's)."""
         messages = [{"role": "system", "content": system.strip()}] if system.strip() else []
-        for turn in self.turns[:-1]:
+        for turn in self.turns if question is not None else self.turns[:-1]:
             if turn.answer is not None:
                 messages += [turn.user, {"role": "assistant", "content": turn.answer}]
-        return messages + [self.turns[-1].user]
+        return messages + [question if question is not None else self.turns[-1].user]
 
     def images(self) -> list[str]:
         """Paths of every image in the chat, oldest first."""
         return [p["path"] for t in self.turns for p in t.user["content"] if p["type"] == "image"]
+
+    def paths(self) -> list[str]:
+        """Paths of every image and video in the chat."""
+        return [p["path"] for t in self.turns for p in t.user["content"] if "path" in p]
 
 
 def user_turn(text: str, files: list[str]) -> tuple[Message, list[Message]]:
@@ -67,26 +78,13 @@ def user_turn(text: str, files: list[str]) -> tuple[Message, list[Message]]:
     return {"role": "user", "content": parts}, shown
 
 
-VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".ogv"}  # some lack a MIME type on slim systems
-
-
-def media_kind(path: str) -> str:
-    """"image" or "video", from the file name."""
-    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
-        return "video"
-    kind = (mimetypes.guess_type(path)[0] or "").split("/")[0]
-    if kind not in ("image", "video"):
-        raise InputError(f"{Path(path).name} is neither an image nor a video.")
-    return kind
-
-
 def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[Message]:
     """Chatbot messages of an answer in progress: a collapsible "Thinking" block, the answer with its
     stats once done, then `attachments` (e.g. the image with the answer's boxes) and any error."""
     out: list[Message] = []
     if snap.thinking:
         thinking_done = bool(snap.answer) or snap.done
-        out.append({"role": "assistant", "content": snap.thinking,
+        out.append({"role": "assistant", "content": strip_markup(snap.thinking),
                     "metadata": {"title": "Thinking", "status": "done" if thinking_done else "pending"}})
     text = strip_markup(snap.answer)
     if not snap.done:
@@ -103,42 +101,47 @@ def answer_messages(snap: Snapshot, attachments: tuple[Any, ...] = ()) -> list[M
 
 
 def stats_line(stats: Stats | None, finish: str | None) -> str:
-    """E.g. "0.21 s to first token · 31.5 tokens/s · 256 visual tokens · stopped"."""
+    """E.g. "0.21 s to first token · 31.5 tokens/s · 300 prompt tokens · 256 visual tokens · stopped"."""
     parts = []
     if stats is not None:
         if stats.seconds_to_first_token is not None:
             parts.append(f"{stats.seconds_to_first_token:.2f} s to first token")
         if stats.tokens_per_second is not None:
             parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
-        parts.append(f"{stats.visual_tokens} visual tokens")
+        if stats.prompt_tokens is not None:
+            parts.append(f"{stats.prompt_tokens} prompt tokens")
+        if stats.visual_tokens is not None:
+            parts.append(f"{stats.visual_tokens} visual tokens")
         if stats.dropped_turns:
             parts.append(f"{stats.dropped_turns} oldest exchange(s) left out to fit the context")
-    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"]}.get(finish or "", [])
+        parts += [f"⚠️ {note}" for note in stats.notes]
+    parts += {"cancelled": ["stopped"], "timeout": ["time limit reached"], "length": ["token limit reached"]}.get(
+        finish or "", [])
     return " · ".join(parts)
 
 
-_DIRECTORIES = re.compile(r"(?<![\w:/.~])/(?:[^/\s'\"]+/)+(?=[^/\s'\"])")
+def draw_boxes(answer: str, image_path: str, frame: FrameRule = relative_frame) -> Image.Image | None:
+    """The image with the answer's boxes and points (and their labels) drawn; None when the answer has none.
 
-
-def error_text(exc: BaseException) -> str:
-    """The message shown to a user, with server directories left out of file paths."""
-    text = str(exc) if isinstance(exc, VLMError) else f"{type(exc).__name__}: {exc}"
-    return _DIRECTORIES.sub("", text)
-
-
-def draw_boxes(answer: str, image_path: str) -> Image.Image | None:
-    """The image with the answer's boxes (and their labels) drawn; None when the answer has no box."""
-    boxes = parse_boxes(answer)
+    `frame` gives what the answer's numbers are measured in for an image of this size (a pipeline's
+    `box_frame`: a 0..1000 grid, or Qwen2.5-VL's pixels of the resized image).
+    """
+    image = load_image(image_path)
+    boxes = parse_boxes(answer, frame(*image.size))
     if not boxes:
         return None
-    image = load_image(image_path)
     draw = ImageDraw.Draw(image)
     width = max(2, round(min(image.size) / 150))
     font = ImageFont.load_default(size=max(12, round(min(image.size) / 30)))
     for i, box in enumerate(boxes):
         color = PALETTE[i % len(PALETTE)]
         left, top, right, bottom = box.pixels(*image.size)
-        draw.rectangle([left, top, right, bottom], outline=color, width=width)
+        if box.is_point:
+            radius = 2 * width
+            draw.ellipse([left - radius, top - radius, left + radius, top + radius], fill=color, outline="white")
+            left, top = left + radius, top + radius
+        else:
+            draw.rectangle([left, top, right, bottom], outline=color, width=width)
         if box.label:
             x0, y0, x1, y1 = draw.textbbox((left, top), box.label, font=font)
             draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], fill=color)

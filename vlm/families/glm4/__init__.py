@@ -13,7 +13,7 @@ from ...pipeline import ChatPipeline, pad_id
 from ...reasoning import ThinkingFormat
 from ...tokenizer import Tokenizer
 from .inputs import Glm4Inputs
-from .model import TIED, Glm4
+from .model import TIED, WEIGHT_NAMES, Glm4
 from .tiny import write_tiny
 
 __all__ = ["load", "write_tiny", "THINKING"]
@@ -30,7 +30,8 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     generation = read_generation_config(directory)
     with empty_weights():
         model = Glm4(cfg, bool(text.get("attention_bias", True)))
-    load_weights(model, directory, prefix_renamer([]), dtype, device, tied=TIED if cfg.tie_word_embeddings else None)
+    load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device,
+                 tied=TIED if cfg.tie_word_embeddings else None)
     model.eval()
     return ChatPipeline("glm4", model, tokenizer, Glm4Inputs(tokenizer, pad_id(generation, tokenizer)), generation,
                         device, directory, max_context=text.get("max_position_embeddings", 32768), thinking=THINKING)

@@ -19,6 +19,9 @@ from ...layers.mlp import activation
 from ...layers.norms import RMSNorm
 from ...layers.rotary import Rotary
 
+# Checkpoint prefix -> module prefix (first match wins): the hub's names are the modules'; Glm4Model's (no
+# head, no `model.` prefix) get the prefix, as transformers reads them.
+WEIGHT_NAMES = [("model.", "model."), ("lm_head.", "lm_head."), ("", "model.")]
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 
 

@@ -65,6 +65,9 @@ CHAT_TEMPLATE = """[gMASK]<sop>
     {%- endif %}
 {%- endfor %}
 {% if add_generation_prompt %}<|assistant|>{% endif %}"""
+# GLM-Z1's template: as GLM-4's, but the generation prompt opens the reasoning (tests of thinking models).
+Z1_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}<|assistant|>{% endif %}",
+                                         "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, partial_rotary_factor=0.5, rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=True,

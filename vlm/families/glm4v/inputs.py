@@ -3,19 +3,17 @@ for videos), vision tensors and 3-D positions as the reference's ``get_rope_inde
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ...conversation import left_pad, media_items, template_view
-from ...errors import InputError
+from ...conversation import media_items, template_view
 from ...media import VideoSample, load_image
+from ...processing.prompt import (IMAGE, TEXT, VIDEO, Placeholder, Row, VisionRun, batch_inputs, expand_placeholders,
+                                  grid_tokens, repeated)
 from ...tokenizer import Tokenizer
 from .processor import VisionSettings, preprocess_images, preprocess_video
-
-TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
 @dataclass
@@ -36,108 +34,61 @@ class Glm4vInputs:
 
     def __call__(self, conversations: list[list[dict]], add_generation_prompt: bool = True,
                  template_vars: dict[str, Any] | None = None, **media_options: Any) -> dict[str, Any]:
-        rows, kinds, grids, images, videos = [], [], [], [], []
-        for messages in conversations:
+        def encode(messages: list[dict]) -> Row:
             ids = self.tokenizer.encode_chat(template_view(messages), add_generation_prompt=add_generation_prompt,
                                              **(template_vars or {}))
-            row_images, row_videos = self._vision(messages, media_options)
-            ids, types, row_grids = self._expand(ids, row_images[1] if row_images else [], row_videos)
-            rows.append(ids)
-            kinds.append(types)
-            grids.append(row_grids)
-            images += [row_images] if row_images else []
-            videos += row_videos
-        input_ids, attention_mask = left_pad(rows, self.ids.pad)
-        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                               "mm_token_type_ids": left_pad(kinds, TEXT)[0]}
-        if images:
-            out["pixel_values"] = torch.cat([pv for pv, _ in images])
-            out["image_grid_thw"] = torch.cat([g for _, g in images])
-        if videos:
-            out["pixel_values_videos"] = torch.cat([pv for pv, _, _ in videos])
-            out["video_grid_thw"] = torch.cat([g for _, g, _ in videos])
-        out["positions"], out["next_position"] = self.positions(input_ids, kinds, grids)
-        return out
+            images, videos = self._vision(messages, media_options)
+            return *self._expand(ids, images[1] if images else [], videos), images, videos
+
+        return batch_inputs(conversations, encode, self.ids.pad)
 
     def _vision(self, messages, options):
         media = media_items(messages)
         pixels = {k: options.get(k) for k in ("min_pixels", "max_pixels")}
-        images = [load_image(m.source) for m in media if m.kind == "image"]
+        image = self.settings.image
+        most = image.max_pixels // image.temporal_patch_size if pixels["max_pixels"] is None else pixels["max_pixels"]
+        images = [load_image(m.source, target_pixels=most) for m in media if m.kind == "image"]
         image_part = preprocess_images(images, self.settings.image, **pixels) if images else None
         videos = [preprocess_video(m.source, self.settings.video, fps=m.options.get("fps", options.get("fps")),
                                    num_frames=m.options.get("num_frames", options.get("num_frames")), **pixels)
                   for m in media if m.kind == "video"]
         return image_part, videos
 
-    def _expand(self, ids: list[int], image_grid, videos) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    def _expand(self, ids: list[int], image_grid, videos) -> tuple[list[int], list[int], list[VisionRun]]:
         """Replace each image placeholder by one token per merged patch and each video placeholder by
         its frame pairs, each `<|begin_of_image|>` + tokens + `<|end_of_image|>` + its second (as text).
 
-        Returns the ids, their types (TEXT/IMAGE/VIDEO) and the merged (h, w) of each run of vision tokens.
+        Returns the ids, their types (TEXT/IMAGE/VIDEO) and the vision runs in order: one per image and
+        one per video frame pair (t = 1 each).
         """
-        found = {"image": ids.count(self.ids.image), "video": ids.count(self.ids.video)}
-        for name, given in (("image", len(image_grid)), ("video", len(videos))):
-            if found[name] != given:
-                raise InputError(f"The prompt has {found[name]} {name} placeholders for {given} {name}s.")
-        images, frames = iter(image_grid), iter(videos)
-        out, types, grids = [], [], []
-        for token in ids:
-            if token == self.ids.image:
-                _, h, w = next(images).tolist()
-                m = self.settings.image.merge_size
-                out += [token] * (h * w // m**2)
-                types += [IMAGE] * (h * w // m**2)
-                grids.append((h // m, w // m))
-            elif token == self.ids.video:
-                _, grid, sample = next(frames)
-                t, h, w = grid[0].tolist()
-                m = self.settings.video.merge_size
-                for frame_ids, frame_types in self._video_frames(t, h * w // m**2, sample):
-                    out += frame_ids
-                    types += frame_types
-                    grids.append((h // m, w // m))
-            else:
-                out.append(token)
-                types.append(TEXT)
-        return out, types, grids
+        images = [self._run(grid, self.settings.image.merge_size) for grid in image_grid]
+        videos = [(self._run(grid[0], self.settings.video.merge_size), int(grid[0, 0]), sample)
+                  for _, grid, sample in videos]
+        expanded, types = expand_placeholders(ids, [
+            Placeholder("image", self.ids.image, [repeated(self.ids.image, IMAGE, r.h * r.w) for r in images]),
+            Placeholder("video", self.ids.video, [self._video_tokens(t, r.h * r.w, sample) for r, t, sample in videos]),
+        ])
+        queues = {self.ids.image: iter([r] for r in images), self.ids.video: iter([r] * t for r, t, _ in videos)}
+        return expanded, types, [run for token in ids if token in queues for run in next(queues[token])]
 
-    def _video_frames(self, t: int, count: int, sample: VideoSample):
-        """Token ids and types of each of the `t` frame pairs: its `count` patch tokens framed as an
+    @staticmethod
+    def _run(grid: torch.Tensor, merge: int) -> VisionRun:
+        """One image or video frame pair of a (t, h, w) patch grid: 1 x h/merge x w/merge merged tokens."""
+        _, h, w = grid.tolist()
+        return VisionRun(1, h // merge, w // merge)
+
+    def _video_tokens(self, t: int, count: int, sample: VideoSample) -> tuple[list[int], list[int]]:
+        """Token ids and types of a video's `t` frame pairs: each its `count` patch tokens framed as an
         image, then its timestamp."""
         seconds = sample.timestamps[::self.settings.video.temporal_patch_size][:t]  # first frame of each pair
         seconds += seconds[-1:] * (t - len(seconds)) if seconds else [0] * t
+        ids, types = [], []
         for second in seconds:
             stamp = self.tokenizer.encode(str(int(second)))
-            yield ([self.ids.begin_image, *[self.ids.image] * count, self.ids.end_image, *stamp],
-                   [TEXT, *[VIDEO] * count, TEXT, *[TEXT] * len(stamp)])
+            ids += [self.ids.begin_image, *[self.ids.image] * count, self.ids.end_image, *stamp]
+            types += [TEXT, *[VIDEO] * count, TEXT, *[TEXT] * len(stamp)]
+        return ids, types
 
-    @staticmethod
-    def positions(input_ids: torch.Tensor, kinds: list[list[int]],
-                  grids: list[list[tuple[int, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """3-D positions (3, B, L) and each row's next position, as the reference's get_rope_index.
-
-        Text advances all three axes together; an image or a video frame pair of h x w merged patches
-        (`grids`, per row in order) takes (start, start + row, start + column) and advances the text
-        position by max(h, w).
-        """
-        batch, width = input_ids.shape
-        positions = torch.zeros(3, batch, width, dtype=torch.long)
-        next_position = torch.zeros(batch, dtype=torch.long)
-        for row, (types, row_grids) in enumerate(zip(kinds, grids)):
-            parts, current, runs = [], 0, iter(row_grids)
-            for kind, group in itertools.groupby(types):
-                count = len(list(group))
-                if kind == TEXT:
-                    parts.append(torch.arange(current, current + count).expand(3, -1))
-                    current += count
-                else:
-                    h, w = next(runs)
-                    if h * w != count:
-                        raise InputError("Vision placeholder runs do not match the patch grids.")
-                    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-                    parts.append(torch.stack([torch.zeros_like(rows), rows, cols]).reshape(3, -1) + current)
-                    current += max(h, w)
-            row_positions = torch.cat(parts, dim=1)
-            positions[:, row, width - row_positions.shape[1]:] = row_positions
-            next_position[row] = row_positions.max() + 1
-        return positions, next_position
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of `inputs`, in order (for cost estimates)."""
+        return grid_tokens(inputs, self.settings.image.merge_size**2, self.settings.video.merge_size**2)

@@ -16,13 +16,15 @@ from ..glm4.model import GlmDecoder, InterleavedRotary, rotary_dim
 from .vision import VisionConfig, VisionTransformer
 
 # Checkpoint prefix -> module prefix (first match wins). The modules carry the hub's names, which
-# transformers 5 writes too; the last two rows read checkpoints saved before the language model
-# moved under `model.language_model` (as transformers' own key mapping does).
+# transformers 4 and 5 write too; `visual.*` and `language_model.*` are Glm4vModel's (no head), which
+# transformers reads into this model by adding its `model.` prefix. `model.*` for the language model is a
+# Qwen2-VL-style name this project has read from the start (transformers does not read it for GLM-4.1V).
 WEIGHT_NAMES = [
     ("model.language_model.", "model.language_model."),
     ("model.visual.", "model.visual."),
     ("model.", "model.language_model."),
     ("visual.", "model.visual."),
+    ("language_model.", "model.language_model."),
 ]
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 

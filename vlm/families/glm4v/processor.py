@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,44 +21,25 @@ import torch
 from PIL import Image
 
 from ...checkpoint import read_processor_configs
-from ...errors import CheckpointError, InputError
-from ...layers.patches import image_patches, video_patches
-from ...media import VideoInfo, VideoSample, probe_video, read_frames, to_rgb
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> interpolate mode (videos)
+from ...errors import InputError
+from ...media import VideoInfo, VideoSample, probe_video, read_frames, resample_mode
+from ...processing.images import PatchSettings as _PatchSettings
+from ...processing.images import SizeRule, frame_rows, image_rows, smart_resize
 
 
 @dataclass(frozen=True)
-class PatchSettings:
+class PatchSettings(_PatchSettings):
     """One processor's settings; defaults are ``Glm4vImageProcessorPil``'s."""
 
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
     min_pixels: int = 112 * 112  # size["shortest_edge"]: a pixel count, temporal patch included
     max_pixels: int = 28 * 28 * 15000  # size["longest_edge"]
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-    rescale_factor: float = 1 / 255
-    resample: int = 3  # PIL.Image.Resampling.BICUBIC
     fps: float = 2.0  # videos: frames sampled per second
     max_duration: float = 300.0  # videos: longer clips get int(max_duration * fps) evenly spread frames
-
-    @property
-    def factor(self) -> int:
-        """Sides are resized to multiples of this (one merged token = factor x factor pixels)."""
-        return self.patch_size * self.merge_size
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], **defaults: Any) -> "PatchSettings":
         """From a transformers processor dict (``size`` with shortest/longest edge in pixels)."""
-        names = {f.name for f in fields(cls)}
-        kw: dict[str, Any] = {**defaults, **{k: v for k, v in d.items() if k in names and v is not None}}
-        for key in ("image_mean", "image_std"):
-            if key in kw:
-                kw[key] = tuple(float(x) for x in kw[key])
+        kw: dict[str, Any] = {**defaults, **cls.known_fields(d)}
         size = d.get("size") or {}
         if size.get("shortest_edge"):
             kw["min_pixels"] = int(size["shortest_edge"])
@@ -84,31 +65,11 @@ class VisionSettings:
         return cls(PatchSettings.from_dict(image), PatchSettings.from_dict(video, **VIDEO_DEFAULTS))
 
 
-def smart_resize(num_frames: int, height: int, width: int, temporal_factor: int = 2, factor: int = 28,
-                 min_pixels: int = 112 * 112, max_pixels: int = 14 * 14 * 2 * 2 * 2 * 6144) -> tuple[int, int]:
-    """GLM-4.1V's size rule: sides are multiples of `factor`, frames * h * w kept within [min, max] pixels.
-
-    Identical to transformers' ``glm4v`` ``smart_resize``; raises InputError where it raises ValueError.
-    """
-    if min(height, width) < 1:
-        raise InputError(f"An image or video frame is empty ({width}x{height} pixels).")
-    if height < factor or width < factor:  # tiny images are scaled up first
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > 200:
-        raise InputError(f"The image is too elongated ({width}x{height}); the aspect ratio must be at most 200:1.")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+def glm_size(frames: int, s: PatchSettings, min_pixels: int, max_pixels: int):
+    """GLM-4.1V's size rule for `frames` frames bounded together, as its ``smart_resize``: small images are
+    first scaled up to one merged token."""
+    return lambda h, w: smart_resize(h, w, s.factor, min_pixels, max_pixels, frames, s.temporal_patch_size,
+                                     upscale_small=True)
 
 
 def preprocess_images(images: Sequence[Image.Image], s: PatchSettings, min_pixels: int | None = None,
@@ -120,18 +81,7 @@ def preprocess_images(images: Sequence[Image.Image], s: PatchSettings, min_pixel
     """
     lo = s.min_pixels if min_pixels is None else min_pixels * s.temporal_patch_size
     hi = s.max_pixels if max_pixels is None else max_pixels * s.temporal_patch_size
-    rows, grids = [], []
-    for image in images:
-        image = to_rgb(image)
-        h, w = smart_resize(s.temporal_patch_size, image.height, image.width, s.temporal_patch_size, s.factor, lo, hi)
-        pixels = np.asarray(image.resize((w, h), resample=s.resample))  # (H, W, 3) uint8
-        patches, grid = image_patches(pixels, s.image_mean, s.image_std, s.rescale_factor, s.temporal_patch_size,
-                                      s.patch_size, s.merge_size)
-        rows.append(patches)
-        grids.append(grid)
-    if not rows:
-        raise InputError("preprocess_images needs at least one image.")
-    return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
+    return image_rows(images, s, glm_size(s.temporal_patch_size, s, lo, hi))
 
 
 def sample_frame_indices(info: VideoInfo, s: PatchSettings, fps: float | None = None) -> list[int]:
@@ -161,21 +111,16 @@ def sample_frame_indices(info: VideoInfo, s: PatchSettings, fps: float | None = 
 
 def preprocess_frames(frames: np.ndarray, s: PatchSettings, min_pixels: int | None = None,
                       max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded frames (T, H, W, 3) uint8 -> (pixel_values_videos, video_grid_thw [1, 3]).
+    """Decoded frames (T, H, W, 3) uint8 -> (pixel_values_videos, video_grid_thw [1, 3]) (sizes: `frame_size`)."""
+    return frame_rows(frames, s, frame_size(s, len(frames), min_pixels, max_pixels))
 
-    The settings' pixel bounds count every frame; `min_pixels`/`max_pixels` override them per frame.
-    """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
-        raise InputError(f"Video frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
-    if s.resample not in _TORCH_MODES:
-        raise CheckpointError(f"Video resample={s.resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
-    lo = s.min_pixels if min_pixels is None else min_pixels * len(frames)
-    hi = s.max_pixels if max_pixels is None else max_pixels * len(frames)
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W) uint8
-    h, w = smart_resize(len(frames), x.shape[2], x.shape[3], s.temporal_patch_size, s.factor, lo, hi)
-    patches, grid = video_patches(x, (h, w), _TORCH_MODES[s.resample], s.image_mean, s.image_std, s.rescale_factor,
-                                  s.temporal_patch_size, s.patch_size, s.merge_size)
-    return patches, torch.tensor([grid], dtype=torch.long)
+
+def frame_size(s: PatchSettings, count: int, min_pixels: int | None = None, max_pixels: int | None = None) -> SizeRule:
+    """The size rule of a clip's `count` frames: the settings' pixel bounds count every frame,
+    `min_pixels`/`max_pixels` bound each frame."""
+    lo = s.min_pixels if min_pixels is None else min_pixels * count
+    hi = s.max_pixels if max_pixels is None else max_pixels * count
+    return glm_size(count, s, lo, hi)
 
 
 def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | None = None,
@@ -196,5 +141,6 @@ def preprocess_video(path: str | os.PathLike, s: PatchSettings, fps: float | Non
         indices += indices[-1:] * (len(indices) % 2)
     else:
         indices = sample_frame_indices(info, s, fps)
-    pixel_values, grid = preprocess_frames(read_frames(path, indices), s, min_pixels, max_pixels)
+    size = frame_size(s, len(indices), min_pixels, max_pixels)  # each frame is resized as it arrives
+    pixel_values, grid = frame_rows(read_frames(path, indices, resize=size, mode=resample_mode(s.resample)), s, size)
     return pixel_values, grid, VideoSample(info, tuple(indices))

@@ -10,7 +10,7 @@ from ...layers.decoder import DecoderConfig
 from ..glm4.tiny import GLM_PRETOKENIZE
 from ..glm4.tiny import SPECIAL_TOKENS as GLM4_SPECIAL_TOKENS
 from .model import Glm4v
-from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ...processing.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .vision import VisionConfig
 
 # GLM-4's added tokens, then GLM-4.1V's (<|image|> = 151343, <|video|> = 151344, </answer> = 151348).

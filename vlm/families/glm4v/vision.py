@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...layers.attention import VisionAttention
+from ... import cancellation
 from ...layers.mlp import GatedMLP, activation
 from ...layers.norms import RMSNorm
 from ...layers.patches import patch_rows_cols
 from ...layers.rotary import VisionRotary2D
+from ...layers.vit import PatchEmbed, VisionBlock, frame_lengths
 
 
 @dataclass
@@ -44,19 +45,6 @@ class VisionConfig:
         return cls(**kw)
 
 
-class PatchEmbed(nn.Module):
-    """Conv3d with kernel = stride = (temporal patch, patch, patch), applied as one matmul per patch."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches (N, C * tp * p * p) -> (N, hidden)."""
-        return F.linear(patches.to(self.proj.weight.dtype), self.proj.weight.flatten(1), self.proj.bias)
-
-
 class PositionEmbedding(nn.Module):
     """A square table of learned positions, bicubically resampled at each patch's place in its image."""
 
@@ -75,17 +63,10 @@ class PositionEmbedding(nn.Module):
         return out[0, :, :, 0].T.to(weight.dtype)
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads, qkv_bias=cfg.attention_bias, proj_bias=False)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size, cfg.hidden_act)
-
-    def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
+def _block(cfg: VisionConfig) -> VisionBlock:
+    return VisionBlock(cfg.hidden_size, cfg.num_heads, lambda dim: RMSNorm(dim, cfg.rms_norm_eps),
+                       GatedMLP(cfg.hidden_size, cfg.out_hidden_size, cfg.hidden_act),
+                       qkv_bias=cfg.attention_bias, proj_bias=False)
 
 
 class PatchMerger(nn.Module):
@@ -111,10 +92,11 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = PositionEmbedding(cfg)
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.temporal_patch_size, cfg.patch_size,
+                                      bias=True)
         self.rotary = VisionRotary2D(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(_block(cfg) for _ in range(cfg.depth))
         self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         m = cfg.spatial_merge_size
         self.downsample = nn.Conv2d(cfg.hidden_size, cfg.out_hidden_size, kernel_size=m, stride=m)
@@ -126,10 +108,11 @@ class VisionTransformer(nn.Module):
         rows_cols = patch_rows_cols(grid_thw, m).to(patches.device)
         sizes = torch.cat([torch.tensor([[h, w]]).expand(t * h * w, 2) for t, h, w in grid_thw.tolist()])
         cos, sin = self.rotary(rows_cols)
-        lengths = [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]  # attention per frame pair
+        lengths = frame_lengths(grid_thw)  # attention per frame pair
         x = self.post_conv_layernorm(self.patch_embed(patches))
         x = x + self.embeddings(rows_cols, sizes.to(patches.device))
         for block in self.blocks:
+            cancellation.check()
             x = block(x, cos, sin, lengths)
         x = self.post_layernorm(x).view(-1, m, m, x.shape[-1]).permute(0, 3, 1, 2)  # (N / m^2, D, m, m)
         return self.merger(self.downsample(x).flatten(1))

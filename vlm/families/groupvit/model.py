@@ -24,6 +24,9 @@ HUB_NAMES: list[tuple[str, str]] = [
     ("text_model.encoder.layers.", "text_model.layers."),
     ("vision_model.encoder.stages.", "vision_model.stages."),
 ]
+# What a checkpoint may carry (first match wins): the hub's names, also under GroupViTModel's base-model
+# prefix `groupvit.`, which transformers strips.
+WEIGHT_NAMES = [*HUB_NAMES, *((f"groupvit.{hub}", module) for hub, module in HUB_NAMES), ("groupvit.", "")]
 # Checkpoint tensors inference never reads: BatchNorm's step counter, and the text position ids that
 # checkpoints written by transformers 4.2x (the hub's) store.
 UNUSED_SUFFIXES = (".num_batches_tracked", "text_model.embeddings.position_ids")
@@ -440,7 +443,7 @@ def segmentation_logits(image: ImageFeatures, text: torch.Tensor, scale: torch.T
     return scale * torch.einsum("bgn,bghw->bnhw", group_logits, image.grouping)
 
 
-_to_module = prefix_renamer(HUB_NAMES)
+_to_module = prefix_renamer(WEIGHT_NAMES)
 module_to_hub = prefix_renamer([(target, source) for source, target in HUB_NAMES])
 
 

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_THRESHOLD = 0.95
+# The label map and the overlay are drawn at the image's own size, which load_image caps at 4 Mpx
+# (media.SHRINK_MARGIN times this): both cost memory per pixel, the model itself sees a short side of ~224.
+LABEL_MAP_PIXELS = 1 << 20
 PROMPTS_PER_BATCH = 256
 WINDOWS_PER_BATCH = 8
 
@@ -53,7 +56,7 @@ class GroupViTPipeline:
         labels, templates = clean_labels(labels), clean_templates(templates)
         if not 0.0 <= threshold <= 1.0:
             raise InputError(f"threshold must be between 0 and 1 (0 = no background), not {threshold}.")
-        image = load_image(image)
+        image = load_image(image, target_pixels=LABEL_MAP_PIXELS)
         text = self.embed_labels(labels, templates)
         processor = self.image_processor
         resized = processor.resize(image)
@@ -123,7 +126,7 @@ def clean_labels(labels: Iterable[str] | str) -> tuple[str, ...]:
         kept.setdefault(unicodedata.normalize("NFC", label).lower(), label)
     kept.pop("", None)
     if not kept:
-        raise InputError("Give at least one non-empty label, e.g. ['cat', 'dog', 'grass'].")
+        raise InputError("Give at least one label: words separated by commas, e.g. cat, dog, grass.")
     return tuple(kept.values())
 
 

@@ -12,13 +12,14 @@ from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from ...checkpoint import read_json
+from ...checkpoint import read_json, read_text, validate_config
 from ...errors import CheckpointError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP's word split: special tokens, English contractions, letter runs, single digits, other symbol runs.
 WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+MAX_SIDE = 4096  # the processor's shortest edge, in pixels
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -52,7 +53,7 @@ class ClipTokenizer:
             vocab, merges = model.get("vocab"), [_merge(m) for m in model.get("merges", [])]
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             vocab = read_json(directory / "vocab.json")
-            lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+            lines = read_text(directory / "merges.txt").splitlines()
             merges = [_merge(line) for line in lines if line.strip() and not line.startswith("#version")]
         else:
             raise CheckpointError(f"{directory} has neither tokenizer.json nor vocab.json + merges.txt.")
@@ -106,16 +107,19 @@ class ImageProcessor:
     def from_directory(cls, directory: Path) -> "ImageProcessor":
         """preprocessor_config.json (hub) or processor_config.json's `image_processor` (transformers 5);
         CLIP's defaults when neither exists."""
-        directory = Path(directory)
-        if (directory / "preprocessor_config.json").is_file():
-            config = read_json(directory / "preprocessor_config.json")
-        elif (directory / "processor_config.json").is_file():
-            config = read_json(directory / "processor_config.json").get("image_processor", {})
-        else:
+        found = [Path(directory) / n for n in ("preprocessor_config.json", "processor_config.json")]
+        path = next((f for f in found if f.is_file()), None)
+        if path is None:
             return cls()
+        config = validate_config(read_json(path), path)
+        if path.name == "processor_config.json":
+            config = config.get("image_processor", {})
         size, crop = config.get("size", 224), config.get("crop_size", 224)
+        shortest_edge = int(size["shortest_edge"] if isinstance(size, dict) else size)
+        if not 1 <= shortest_edge <= MAX_SIDE:
+            raise CheckpointError(f"{path}: size must be a side of 1 to {MAX_SIDE} pixels, not {shortest_edge}.")
         return cls(
-            shortest_edge=int(size["shortest_edge"] if isinstance(size, dict) else size),
+            shortest_edge=shortest_edge,
             crop_size=(int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop)),
             mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
             std=tuple(config.get("image_std", OPENAI_CLIP_STD)),

@@ -9,9 +9,9 @@ import torch
 
 from ...conversation import Media, left_pad, media_items, template_view
 from ...errors import InputError
-from ...media import load_image, probe_video, read_frames, sample_frames_uniform
+from ...media import load_image, probe_video, read_frames, resample_mode, sample_frames_uniform
 from ...tokenizer import Tokenizer
-from .processor import ProcessorSettings, pad_stack, preprocess_frames, preprocess_image
+from .processor import ProcessorSettings, largest_image, pad_stack, preprocess_frames, preprocess_image
 
 
 @dataclass
@@ -43,7 +43,8 @@ class LlavaOnevisionInputs:
             ids = self.tokenizer.encode_chat(_text_parts(template_view(messages)),
                                              add_generation_prompt=add_generation_prompt, **template_vars)
             media = media_items(messages)
-            pictures = [load_image(m.source) for m in media if m.kind == "image"]
+            pictures = [load_image(m.source, target_pixels=largest_image(self.settings.image))
+                        for m in media if m.kind == "image"]
             clips = [self._video(m, media_options) for m in media if m.kind == "video"]
             anyres = len(pictures) == 1  # the reference tiles a conversation's image only when it is alone
             counts = {
@@ -69,6 +70,14 @@ class LlavaOnevisionInputs:
         out["next_position"] = attention_mask.sum(-1)
         return out
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> dict[str, list[int]]:
+        """Placeholder tokens of each image and each video of one conversation's `inputs`, in order (for cost
+        estimates)."""
+        sizes = inputs.get("image_sizes", torch.zeros(0, 2, dtype=torch.long)).tolist()
+        frames = inputs.get("video_num_frames", torch.zeros(0, dtype=torch.long)).tolist()
+        return {"image": [self.settings.image_tokens(tuple(size), len(sizes) == 1, self.grid) for size in sizes],
+                "video": [self.settings.video_tokens(n, self.grid) for n in frames]}
+
     def _video(self, item: Media, options: dict[str, Any]) -> torch.Tensor:
         """Sample (the call's or the item's num_frames / fps, else the processor's), decode, preprocess."""
         s = self.settings.video
@@ -82,7 +91,8 @@ class LlavaOnevisionInputs:
         if needed >= self.max_context:
             raise InputError(f"{info.path}: {len(indices)} frames need {needed} tokens, more than this model's context "
                              f"of {self.max_context}; pass num_frames (e.g. 8) or fps (e.g. 1) to sample fewer frames.")
-        return preprocess_frames(read_frames(item.source, indices), s)
+        frames = read_frames(item.source, indices, resize=lambda h, w: s.size, mode=resample_mode(s.resample))
+        return preprocess_frames(frames, s)
 
     def _expand(self, ids: list[int], counts: dict[int, list[int]]) -> list[int]:
         """Repeat each image/video placeholder by its feature count; the placeholders must match the media."""

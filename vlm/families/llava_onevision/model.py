@@ -21,14 +21,20 @@ from ...layers.rotary import Rotary
 from .anyres import Size, limited_shape, max_tiles, tile_grid, unpadded_shape
 from .siglip import SiglipConfig, SiglipVision
 
-# Module names are the hub's (`language_model.model.*`, `vision_tower.vision_model.*`, ...). This table maps
-# other names a checkpoint may carry (transformers 5's in-memory ones) to them.
+# Checkpoint prefix -> module prefix (first match wins): every layout transformers writes or reads. The
+# modules carry the hub's names, listed first so the shorter prefixes below do not catch them.
 WEIGHT_NAMES: list[tuple[str, str]] = [
-    ("model.language_model.", "language_model.model."),
+    ("language_model.model.", "language_model.model."),  # the hub's
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.language_model.", "language_model.model."),  # transformers 5 in memory (its state_dict)
     ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
     ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.image_newline", "image_newline"),
+    ("vision_tower.", "vision_tower.vision_model."),  # transformers 5 save_pretrained of a model built from a config
+    ("language_model.", "language_model.model."),  # LlavaOnevisionModel (no head) as transformers 5 saves it
 ]
 UNUSED = ("vision_tower.vision_model.head.",)  # SigLIP's pooling head (vision_use_head), never used by LLaVA
 TIED = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}

@@ -21,14 +21,13 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ...checkpoint import read_processor_configs
-from ...errors import CheckpointError, InputError
-from ...media import to_rgb
+from ...errors import InputError
+from ...media import resample_mode, to_rgb
 from .anyres import Size, anyres_shape, best_resolution, max_tiles
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_PINPOINTS = [(384 * a, 384 * b) for a in range(1, 7) for b in range(1, 7)]
-_TORCH_MODES = {2: "bilinear", 3: "bicubic"}  # PIL resample id -> interpolate mode (video path)
 
 
 @dataclass(frozen=True)
@@ -142,6 +141,11 @@ def preprocess_image(image: Image.Image, s: PixelSettings, anyres: bool) -> torc
     return torch.stack(out)
 
 
+def largest_image(s: PixelSettings) -> int:
+    """The most pixels an image is resized to (its largest pinpoint, what load_image may shrink it to)."""
+    return max(h * w for h, w in s.pinpoints)
+
+
 def pad_stack(items: list[torch.Tensor]) -> torch.Tensor:
     """Stack (n_i, ...) tensors into (len, max n_i, ...), zero-padding the first axis."""
     out = items[0].new_zeros((len(items), max(len(x) for x in items), *items[0].shape[1:]))
@@ -157,11 +161,10 @@ def preprocess_frames(frames: np.ndarray, s: PixelSettings) -> torch.Tensor:
     """Decoded frames (T, H, W, 3) uint8 -> (T, 3, H', W') float32 at the processor's size."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
         raise InputError(f"Video frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}.")
-    if s.resample not in _TORCH_MODES:
-        raise CheckpointError(f"Video resample={s.resample} is not supported; use 2 (bilinear) or 3 (bicubic).")
+    mode = resample_mode(s.resample)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
     if tuple(x.shape[2:]) != s.size:
-        x = F.interpolate(x, size=s.size, mode=_TORCH_MODES[s.resample], align_corners=False, antialias=True)
+        x = F.interpolate(x, size=s.size, mode=mode, align_corners=False, antialias=True)
     mean = torch.tensor(s.image_mean) * (1.0 / s.rescale_factor)  # fused rescale + normalise
     std = torch.tensor(s.image_std) * (1.0 / s.rescale_factor)
     return (x.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)

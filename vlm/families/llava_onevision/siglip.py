@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import cancellation
 from ...layers.attention import full_attention
 from ...layers.mlp import MLP
 
@@ -115,6 +116,7 @@ class SiglipVision(nn.Module):
         x = self.embeddings(pixels)
         kept = {0: x} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers[:max(wanted)], 1):  # later layers are never used
+            cancellation.check()
             x = layer(x)
             if i in wanted:
                 kept[i] = x

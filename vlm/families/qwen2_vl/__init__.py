@@ -10,11 +10,10 @@ import torch
 from ...boxes import MARKUP
 from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
 from ...layers.decoder import DecoderConfig
-from ...pipeline import ChatPipeline, pad_id
+from ...pipeline import ChatPipeline
+from ...processing.qwen_vl import QwenVLInputs, VisionSettings, token_ids
 from ...tokenizer import Tokenizer
-from .inputs import Qwen2VLInputs, TokenIds
 from .model import TIED, WEIGHT_NAMES, Qwen2VL
-from .processor import VisionSettings
 from .tiny import write_tiny
 from .vision import VisionConfig
 
@@ -28,15 +27,11 @@ def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: t
     vision = VisionConfig.from_dict(config.get("vision_config") or {}, text.hidden_size)
     tokenizer = Tokenizer(directory)
     generation = read_generation_config(directory)
-    ids = TokenIds(
-        image=config.get("image_token_id") or tokenizer.token_id("<|image_pad|>"),
-        video=config.get("video_token_id") or tokenizer.token_id("<|video_pad|>"),
-        pad=pad_id(generation, tokenizer),
-    )
+    ids = token_ids(config, tokenizer, generation)
     with empty_weights():
         model = Qwen2VL(text, vision, ids.image, ids.video)
     load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device, tied=TIED)
     model.eval()
-    build_inputs = Qwen2VLInputs(tokenizer, VisionSettings.from_dir(directory), ids)
+    build_inputs = QwenVLInputs(tokenizer, VisionSettings.from_dir(directory), ids)
     return ChatPipeline("qwen2_vl", model, tokenizer, build_inputs, generation, device, directory,
                         max_context=text_fields.get("max_position_embeddings", 32768), markup=MARKUP)

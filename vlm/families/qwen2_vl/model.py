@@ -14,10 +14,12 @@ from ...layers.decoder import Decoder, DecoderConfig
 from ...layers.rotary import MRotary
 from .vision import VisionConfig, VisionTransformer
 
-# Checkpoint prefix -> module prefix; hub checkpoints already use the module names.
+# Checkpoint prefix -> module prefix (first match wins); hub checkpoints, and transformers 5's save_pretrained,
+# already use the module names.
 WEIGHT_NAMES = [
-    ("model.language_model.", "model."),
+    ("model.language_model.", "model."),  # transformers 5 in memory (its state_dict)
     ("model.visual.", "visual."),
+    ("language_model.", "model."),  # Qwen2VLModel (no head) as transformers 5 saves it
 ]
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 

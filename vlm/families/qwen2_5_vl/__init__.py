@@ -1,0 +1,39 @@
+"""Qwen2.5-VL family (Qwen/Qwen2.5-VL-3B-Instruct, 7B, 32B, 72B): images, several images, videos, and
+grounding answers in pixels of the resized image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...checkpoint import empty_weights, load_weights, prefix_renamer, read_generation_config, sub_config
+from ...layers.decoder import DecoderConfig
+from ...pipeline import ChatPipeline
+from ...processing.qwen_vl import QwenVLInputs, VisionSettings, token_ids
+from ...tokenizer import Tokenizer
+from .model import TIED, WEIGHT_NAMES, Qwen2_5_VL
+from .tiny import write_tiny
+from .vision import VisionConfig
+
+__all__ = ["load", "write_tiny"]
+
+
+def load(directory: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ChatPipeline:
+    """Build the model on the meta device, stream the weights in, and wrap it in a ChatPipeline."""
+    text_fields = sub_config(config, "text_config")
+    text = DecoderConfig.from_dict(text_fields)
+    text.head_dim = text.hidden_size // text.num_heads  # the reference ignores a head_dim field
+    vision = VisionConfig.from_dict(config.get("vision_config") or {}, text.hidden_size)
+    tokenizer = Tokenizer(directory)
+    generation = read_generation_config(directory)
+    ids = token_ids(config, tokenizer, generation)
+    with empty_weights():
+        model = Qwen2_5_VL(text, vision, ids.image, ids.video)
+    load_weights(model, directory, prefix_renamer(WEIGHT_NAMES), dtype, device, tied=TIED)
+    model.eval()
+    build_inputs = QwenVLInputs(tokenizer, VisionSettings.from_dir(directory), ids, vision.tokens_per_second)
+    return ChatPipeline("qwen2_5_vl", model, tokenizer, build_inputs, generation, device, directory,
+                        max_context=text_fields.get("max_position_embeddings", 32768),
+                        box_frame=build_inputs.resized_size)
