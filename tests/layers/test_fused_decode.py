@@ -1,0 +1,143 @@
+"""The decoder layer's compiled decode step (vlm/layers/fused_decode.py) equals the eager layer: outputs and
+the keys and values it writes, in float32, bfloat16 and the VNNI int8/int4 formats, for left-padded batches
+and long caches; layers it does not cover run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vlm import kernels
+from vlm.layers import decoder, fused_decode
+from vlm.layers.attention import KVCache, SelfAttention
+from vlm.layers.decoder import DecoderConfig, DecoderLayer
+from vlm.layers.linear import PackedLinear, SplitOutputs, fuse_linears, pack_linears
+from vlm.layers.rotary import Rotary
+from vlm.quantize import METHODS
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the kernels cannot be built or run here")
+
+CFG = DecoderConfig(vocab_size=100, hidden_size=128, intermediate_size=192, num_layers=1, num_heads=4, num_kv_heads=2,
+                    head_dim=32, rms_norm_eps=1e-6, rope={}, tie_word_embeddings=False)
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _layer(dtype: torch.dtype, quantization: str | None = None) -> DecoderLayer:
+    """A layer with random weights (std 0.2), fused and packed as `vlm.load` prepares it."""
+    torch.manual_seed(0)
+    layer = DecoderLayer(CFG, 0)
+    for parameter in layer.parameters():
+        parameter.data.normal_(0, 0.2)
+    layer = layer.to(dtype)
+    fuse_linears(layer)
+    if quantization:
+        for name in PROJECTIONS:
+            _replace(layer, name, lambda module: METHODS[quantization](
+                module.as_linear() if isinstance(module, PackedLinear) else module))
+    pack_linears(layer)
+    return layer
+
+
+def _replace(layer: nn.Module, name: str, make) -> None:
+    parent, leaf = name.rsplit(".", 1)
+    module = layer.get_submodule(name)
+    new = make(module)
+    if isinstance(module, PackedLinear) and len(module.sizes) > 1:
+        new = SplitOutputs(new, module.sizes)
+    setattr(layer.get_submodule(parent), leaf, new)
+
+
+def _decode(layer: DecoderLayer, dtype: torch.dtype, batch: int, prefix: int, steps: int = 4):
+    """A left-padded prefix (eager, several tokens at once), then `steps` single-token steps: their outputs
+    and the cache."""
+    rotary = Rotary(CFG.head_dim, 10000.0)
+    cache = KVCache(1, batch, CFG.num_kv_heads, CFG.head_dim, prefix + steps, dtype, "cpu")
+    generator = torch.Generator().manual_seed(1)
+    valid = torch.ones(batch, prefix, dtype=torch.bool)
+    valid[0, :min(3, prefix - 1)] = False
+    outs = []
+    with torch.inference_mode():
+        x = torch.randn(batch, prefix, CFG.hidden_size, generator=generator).to(dtype)
+        mask = cache.begin(valid)
+        layer(x, *rotary(torch.arange(prefix).expand(1, batch, prefix), dtype), cache, mask)
+        cache.commit(prefix)
+        for position in range(prefix, prefix + steps):
+            x = torch.randn(batch, 1, CFG.hidden_size, generator=generator).to(dtype)
+            mask = cache.begin(torch.ones(batch, 1, dtype=torch.bool))
+            outs.append(layer(x, *rotary(torch.full((1, batch, 1), position), dtype), cache, mask))
+            cache.commit(1)
+    return torch.cat(outs, 1), cache
+
+
+def _eager(monkeypatch, *args):
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder, "decode_step", lambda *args: None)
+        return _decode(*args)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_matches_the_eager_layer(monkeypatch, dtype, quantization, batch):
+    """float32: to float32 rounding (measured ~1e-7); bfloat16: to its rounding (measured 3e-3 to 5e-3)."""
+    if dtype == torch.bfloat16 and not kernels.bf16_supported():
+        pytest.skip("no AVX512-BF16 here")
+    layer = _layer(dtype, quantization)
+    fused, fused_cache = _decode(layer, dtype, batch, prefix=7)
+    assert fused_decode._kernel(layer, dtype) is not None
+    eager, eager_cache = _eager(monkeypatch, layer, dtype, batch, 7)
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert fused.dtype == dtype and _rel(fused, eager) < tolerance
+    for store in ("keys", "values"):
+        assert _rel(getattr(fused_cache, store)[0], getattr(eager_cache, store)[0]) < tolerance
+
+
+def test_long_caches_split_attention_over_the_threads(monkeypatch):
+    """Past `kParallelAttention` (heads x rows x keys > 2^15) the heads are split over two threads."""
+    layer = _layer(torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fused, _ = _decode(layer, torch.float32, 3, prefix=2800)
+        eager, _ = _eager(monkeypatch, layer, torch.float32, 3, 2800)
+    finally:
+        torch.set_num_threads(threads)
+    assert fused_decode._kernel(layer, torch.float32) is not None and _rel(fused, eager) < 1e-5
+
+
+def test_a_replaced_projection_rebuilds_the_kernel(monkeypatch):
+    layer = _layer(torch.float32)
+    _decode(layer, torch.float32, 1, prefix=5)
+    first = fused_decode._kernel(layer, torch.float32)
+    _replace(layer, "mlp.down_proj", lambda module: METHODS["int8"](nn.Linear(CFG.intermediate_size, CFG.hidden_size,
+                                                                               bias=False)))
+    fused, _ = _decode(layer, torch.float32, 1, prefix=5)
+    assert fused_decode._kernel(layer, torch.float32) is not first
+    eager, _ = _eager(monkeypatch, layer, torch.float32, 1, 5)
+    assert _rel(fused, eager) < 1e-5
+
+
+class RotatedTwice(SelfAttention):
+    def rotate(self, x, cos, sin):
+        return super().rotate(super().rotate(x, cos, sin), cos, sin)
+
+
+def test_layers_the_kernel_does_not_cover_run_eagerly():
+    layer = _layer(torch.float32)
+    cache = KVCache(1, 1, CFG.num_kv_heads, CFG.head_dim, 8, torch.float32, "cpu")
+    x, cos, sin = torch.randn(1, 1, CFG.hidden_size), torch.ones(1, 1, CFG.head_dim), torch.zeros(1, 1, CFG.head_dim)
+    cache.begin(torch.ones(1, 1, dtype=torch.bool))
+    assert fused_decode.decode_step(layer, x, cos, sin, cache, None) is None  # autograd on
+    with torch.inference_mode():
+        assert fused_decode.decode_step(layer, x.expand(1, 2, -1), cos, sin, cache, None) is None  # two new tokens
+        assert fused_decode.decode_step(layer, x, cos, sin, cache, None) is not None
+        assert fused_decode._kernel(layer, torch.bfloat16) is None  # float32 weights, bfloat16 inputs
+        other = RotatedTwice(CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, 0)
+        other.fuse_projections()
+        layer.self_attn = other  # a family's own rotary
+        assert fused_decode.decode_step(layer, x, cos, sin, cache, None) is None

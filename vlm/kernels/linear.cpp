@@ -1,0 +1,67 @@
+// Linear layers for a few input rows (decoding): y = x W^T + b with the kernels of matvec.h, the 16-row
+// groups split over torch's intra-op threads (at::parallel_for).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "matvec.h"
+
+namespace {
+
+using vlm::Activations;
+using vlm::Format;
+using vlm::Weights;
+
+torch::Tensor run(const Weights& weights, const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.size(1) == weights.in_features, "x has ", x.size(1), " features, the weights ", weights.in_features);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == torch::kFloat, "x must be float32 or bfloat16");
+  const int64_t m = x.size(0);
+  Activations a;
+  a.m = m, a.k = weights.in_features;
+  torch::Tensor x32;
+  if (weights.format != Format::kDense) {
+    if (bf16) {
+      vlm::quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), m, a.k, a);
+    } else {
+      vlm::quantize_rows(x.data_ptr<float>(), m, a.k, a);
+    }
+  } else if (weights.bf16()) {
+    TORCH_CHECK(bf16, "bfloat16 weights take bfloat16 inputs");
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    a.bf16.assign(src, src + m * a.k);
+  } else {
+    TORCH_CHECK(!bf16, "float32 weights take float32 inputs");
+    a.f32 = x.data_ptr<float>();
+  }
+  auto out = torch::empty({m, weights.out_features}, x.options().dtype(torch::kFloat));
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, weights.groups(), 1, [&](int64_t begin, int64_t end) {
+    weights.multiply(a, begin, end, y, weights.out_features);
+  });
+  return bf16 ? out.to(torch::kBFloat16) : out;
+}
+
+torch::Tensor bias_or_none(const c10::optional<torch::Tensor>& bias) { return bias.has_value() ? *bias : torch::Tensor(); }
+
+template <Format kFormat>
+torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& scales,
+                               const c10::optional<torch::Tensor>& bias, int64_t out_features) {
+  return run(Weights(kFormat, weights, scales, bias_or_none(bias), out_features), x);
+}
+
+torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == x.scalar_type(), "weight must be (N, K) of x's dtype");
+  return run(Weights(Format::kDense, weight, {}, bias_or_none(bias), weight.size(0)), x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vlm_kernels, library) {
+  library.def("int8_linear(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features) -> Tensor",
+              &quantized_linear<Format::kInt8>);
+  library.def("int4_linear(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features) -> Tensor",
+              &quantized_linear<Format::kInt4>);
+  library.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &dense_linear);
+}

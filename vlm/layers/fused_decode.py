@@ -1,0 +1,90 @@
+"""A decoder layer's decode step (one new token per row) as one compiled call (`vlm/kernels/decode_layer.cpp`).
+
+Eagerly, a decode step issues some 60 small PyTorch ops per layer (norms, rotary, cache writes, softmax,
+masks); at batch 1 on a CPU they cost as much time as reading the weights. The kernel does the whole layer
+in one pass over the same weights (plain float32/bfloat16 ones as `PackedLinear` keeps them, or the VNNI
+int8/int4 ones), both threads splitting each matrix's rows. It applies where the layer is exactly the
+Qwen2-style one (half-split rotary, SiLU MLP, q/k/v and gate/up fused) on a CPU, without autograd; elsewhere
+`decode_step` returns None and the eager layer runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attention import KVCache, SelfAttention
+from .linear import PackedLinear, SplitOutputs, kernels_take
+from .mlp import GatedMLP
+from .norms import RMSNorm
+from ..quantize_vnni import Int4VnniLinear, Int8VnniLinear
+
+DENSE, INT8, INT4 = 0, 1, 2  # the kernel's weight formats (vlm/kernels/matvec.h)
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its modules and dtype, kernel layer)
+
+
+def decode_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer's output for x (B, 1, D) through the kernel (its k and v written to `cache`), or None where
+    the kernel does not apply."""
+    if x.shape[1] != 1 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    kernel = _kernel(layer, x.dtype)
+    if kernel is None:
+        return None
+    index = layer.self_attn.layer
+    return kernel.forward(x.contiguous(), cos.contiguous(), sin.contiguous(), cache.keys[index], cache.values[index],
+                          None if mask is None else mask.contiguous(), cache.length, cache.span)
+
+
+def _kernel(layer: nn.Module, dtype: torch.dtype):
+    """The layer's kernel form for inputs of `dtype`, built once (again if any of its modules is replaced)."""
+    parts = (dtype, *_parts(layer))
+    cached = _compiled.get(layer)
+    if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts)):
+        cached = _compiled[layer] = (parts, _build(layer, dtype))
+    return cached[1]
+
+
+def _parts(layer: nn.Module) -> tuple:
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (attention, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None),
+            getattr(attention, "qkv_proj", None), getattr(attention, "o_proj", None),
+            getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+
+
+def _build(layer: nn.Module, dtype: torch.dtype):
+    attention, mlp, input_norm, post_norm, *projections = _parts(layer)
+    if (type(attention) is not SelfAttention or type(mlp) is not GatedMLP or mlp.act is not F.silu
+            or type(input_norm) is not RMSNorm or type(post_norm) is not RMSNorm or input_norm.eps != post_norm.eps
+            or input_norm.weight.dtype != dtype or post_norm.weight.dtype != dtype
+            or not kernels_take(dtype, input_norm.weight.device)):
+        return None
+    linears = [_linear(module, dtype) for module in projections]
+    if any(linear is None for linear in linears) or mlp.down_proj.in_features % 16:
+        return None
+    return torch.classes.vlm_kernels.DecodeLayer(input_norm.weight.detach(), post_norm.weight.detach(), input_norm.eps,
+                                                 attention.heads, attention.kv_heads, attention.head_dim, *linears)
+
+
+def _linear(module: nn.Module | None, dtype: torch.dtype):
+    """The kernel's form of a projection: a plain weight of `dtype` or VNNI int8/int4 codes (None: neither)."""
+    if isinstance(module, SplitOutputs):
+        module = module.inner
+    if isinstance(module, PackedLinear):
+        module.prepare()
+        weight, bias = module.weight, module.bias
+    elif type(module) is nn.Linear:
+        weight, bias = module.weight.detach().contiguous(), module.bias
+    elif isinstance(module, (Int8VnniLinear, Int4VnniLinear)):
+        form = INT8 if isinstance(module, Int8VnniLinear) else INT4
+        return torch.classes.vlm_kernels.Linear(form, module.codes, module.scales, module.kernel_bias,
+                                                module.out_features)
+    else:
+        return None
+    if weight is None or weight.dtype != dtype:
+        return None
+    return torch.classes.vlm_kernels.Linear(DENSE, weight, None, None if bias is None else bias.detach(), weight.shape[0])
