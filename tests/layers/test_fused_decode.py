@@ -12,7 +12,7 @@ from vlm import kernels
 from vlm.layers import decoder, fused_decode
 from vlm.layers.attention import KVCache, SelfAttention
 from vlm.layers.decoder import DecoderConfig, DecoderLayer
-from vlm.layers.linear import PackedLinear, SplitOutputs, fuse_linears, pack_linears
+from vlm.layers.linear import KERNEL_ROWS, PackedLinear, SplitOutputs, fuse_linears, pack_linears
 from vlm.layers.rotary import Rotary
 from vlm.quantize import METHODS
 
@@ -89,7 +89,7 @@ def test_decode_step_matches_the_eager_layer(monkeypatch, dtype, quantization, b
         pytest.skip("no AVX512-BF16 here")
     layer = _layer(dtype, quantization)
     fused, fused_cache = _decode(layer, dtype, batch, prefix=7)
-    assert fused_decode._kernel(layer, dtype) is not None
+    assert fused_decode._kernel(layer, dtype)[0] is not None
     eager, eager_cache = _eager(monkeypatch, layer, dtype, batch, 7)
     tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
     assert fused.dtype == dtype and _rel(fused, eager) < tolerance
@@ -107,17 +107,17 @@ def test_long_caches_split_attention_over_the_threads(monkeypatch):
         eager, _ = _eager(monkeypatch, layer, torch.float32, 3, 2800)
     finally:
         torch.set_num_threads(threads)
-    assert fused_decode._kernel(layer, torch.float32) is not None and _rel(fused, eager) < 1e-5
+    assert fused_decode._kernel(layer, torch.float32)[0] is not None and _rel(fused, eager) < 1e-5
 
 
 def test_a_replaced_projection_rebuilds_the_kernel(monkeypatch):
     layer = _layer(torch.float32)
     _decode(layer, torch.float32, 1, prefix=5)
-    first = fused_decode._kernel(layer, torch.float32)
+    first = fused_decode._kernel(layer, torch.float32)[0]
     _replace(layer, "mlp.down_proj", lambda module: METHODS["int8"](nn.Linear(CFG.intermediate_size, CFG.hidden_size,
                                                                                bias=False)))
     fused, _ = _decode(layer, torch.float32, 1, prefix=5)
-    assert fused_decode._kernel(layer, torch.float32) is not first
+    assert fused_decode._kernel(layer, torch.float32)[0] is not first
     eager, _ = _eager(monkeypatch, layer, torch.float32, 1, 5)
     assert _rel(fused, eager) < 1e-5
 
@@ -136,8 +136,22 @@ def test_layers_the_kernel_does_not_cover_run_eagerly():
     with torch.inference_mode():
         assert fused_decode.decode_step(layer, x.expand(1, 2, -1), cos, sin, cache, None) is None  # two new tokens
         assert fused_decode.decode_step(layer, x, cos, sin, cache, None) is not None
-        assert fused_decode._kernel(layer, torch.bfloat16) is None  # float32 weights, bfloat16 inputs
+        assert fused_decode._kernel(layer, torch.bfloat16)[0] is None  # float32 weights, bfloat16 inputs
         other = RotatedTwice(CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim, 0)
         other.fuse_projections()
         layer.self_attn = other  # a family's own rotary
         assert fused_decode.decode_step(layer, x, cos, sin, cache, None) is None
+
+
+@pytest.mark.parametrize("quantization, fused", [(None, False), ("int8", True)])
+def test_dense_layers_leave_more_rows_than_their_kernel_takes_to_oneDNN(quantization, fused):
+    """Dense weights: up to KERNEL_ROWS rows (beyond, oneDNN's matmul is faster); quantized ones: up to
+    quantize_vnni.KERNEL_ROWS."""
+    rows = KERNEL_ROWS + 1
+    layer = _layer(torch.float32, quantization)
+    cache = KVCache(1, rows, CFG.num_kv_heads, CFG.head_dim, 8, torch.float32, "cpu")
+    x = torch.randn(rows, 1, CFG.hidden_size)
+    cos, sin = torch.ones(rows, 1, CFG.head_dim), torch.zeros(rows, 1, CFG.head_dim)
+    mask = cache.begin(torch.ones(rows, 1, dtype=torch.bool))
+    with torch.inference_mode():
+        assert (fused_decode.decode_step(layer, x, cos, sin, cache, mask) is not None) == fused

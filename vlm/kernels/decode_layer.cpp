@@ -90,7 +90,15 @@ void split(int64_t n, bool parallel, const F& body) {
   }
 }
 
-constexpr int64_t kParallelAttention = 1 << 15;  // positions x heads x rows below which attention stays on one thread
+constexpr int64_t kParallelAttention = 1 << 15;  // keys x heads (all rows) up to which attention stays on one thread
+
+// One row's KV cache: keys and values (KV heads, capacity, head_dim), where its new token goes, how many keys
+// it attends over.
+struct Cache {
+  void* keys;
+  void* values;
+  int64_t key_stride, value_stride, position, span;
+};
 
 struct DecodeLayer : torch::CustomClassHolder {
   torch::Tensor input_norm, post_norm;
@@ -104,48 +112,61 @@ struct DecodeLayer : torch::CustomClassHolder {
       : input_norm(input_norm.contiguous()), post_norm(post_norm.contiguous()), eps(eps), heads(heads),
         kv_heads(kv_heads), head_dim(head_dim), hidden(input_norm.numel()), intermediate(down->weights.in_features),
         qkv(std::move(qkv)), o(std::move(o)), gate_up(std::move(gate_up)), down(std::move(down)) {
-    TORCH_CHECK(this->qkv->weights.out_features == (heads + 2 * kv_heads) * head_dim, "q/k/v rows do not match the heads");
+    TORCH_CHECK(this->qkv->weights.out_features == (heads + 2 * kv_heads) * head_dim,
+                "q/k/v rows do not match the heads");
     TORCH_CHECK(this->gate_up->weights.out_features == 2 * intermediate && intermediate % kRows == 0,
                 "gate/up must be two matrices of a multiple of 16 rows");
     TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must be a multiple of the KV heads");
   }
 
-  // x (B, 1, D); cos, sin (B, 1, head_dim); keys, values (B, KV, capacity, head_dim), the token written at
-  // `position`; mask (B, 1, 1, span) True where a key is seen (None: every key below span).
-  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor keys,
-                        torch::Tensor values, c10::optional<torch::Tensor> mask, int64_t position, int64_t span) {
+  // x: N rows (any shape of N x hidden values, e.g. (B, 1, D) or (1, N, D)); cos, sin: N x head_dim; row r's
+  // cache: keys[r], values[r] (KV heads, capacity, head_dim), its k and v written at positions[r]. It sees its
+  // keys up to positions[r], or with a mask (N, span) the keys t < span where mask[r][t] is True.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
+                        std::vector<torch::Tensor> values, std::vector<int64_t> positions,
+                        c10::optional<torch::Tensor> mask) {
     const auto dtype = x.scalar_type();
     TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "x must be float32 or bfloat16");
-    TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && x.size(2) == hidden && x.is_contiguous(), "x must be (B, 1, hidden)");
-    const int64_t batch = x.size(0);
+    TORCH_CHECK(x.is_contiguous() && x.size(-1) == hidden, "x must be contiguous rows of ", hidden, " values");
+    const int64_t rows = x.numel() / hidden;
     for (const auto* t : {&cos, &sin}) {
-      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->numel() == batch * head_dim, "bad cos/sin");
+      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->numel() == rows * head_dim, "bad cos/sin");
     }
-    for (const auto* t : {&keys, &values}) {
-      TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous() && t->dim() == 4 && t->size(0) == batch &&
-                      t->size(1) == kv_heads && t->size(3) == head_dim,
-                  "keys/values must be contiguous (B, KV heads, capacity, head_dim) of x's dtype");
-    }
-    TORCH_CHECK(0 <= position && position < span && span <= keys.size(2), "position ", position, " is outside the span ", span);
+    TORCH_CHECK(static_cast<int64_t>(keys.size()) == rows && static_cast<int64_t>(values.size()) == rows &&
+                    static_cast<int64_t>(positions.size()) == rows, "one cache and position per row");
+    const int64_t span = mask.has_value() ? mask->size(-1) : 0;
     if (mask.has_value()) {
-      TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->numel() == batch * span,
-                  "mask must be a contiguous bool (B, 1, 1, span)");
+      TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->numel() == rows * span,
+                  "mask must be a contiguous bool (N, span)");
+    }
+    std::vector<Cache> caches(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (const auto* t : {&keys[r], &values[r]}) {
+        TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 3 && t->size(0) == kv_heads && t->size(2) == head_dim &&
+                        t->stride(2) == 1 && t->stride(1) == head_dim,
+                    "keys/values must be (KV heads, capacity, head_dim) of x's dtype, rows contiguous");
+      }
+      const int64_t capacity = std::min(keys[r].size(1), values[r].size(1)), position = positions[r];
+      TORCH_CHECK(0 <= position && position < capacity && (!mask.has_value() || (position < span && span <= capacity)),
+                  "position ", position, " is outside the cache or the mask");
+      caches[r] = {keys[r].data_ptr(), values[r].data_ptr(), keys[r].stride(0), values[r].stride(0), position,
+                   mask.has_value() ? span : position + 1};
     }
     torch::Tensor out = torch::empty_like(x);
+    const bool* seen = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
     if (dtype == torch::kFloat) {
-      step<float>(x, cos, sin, keys, values, mask, position, span, out);
+      step<float>(x, cos, sin, caches, seen, span, out);
     } else {
-      step<at::BFloat16>(x, cos, sin, keys, values, mask, position, span, out);
+      step<at::BFloat16>(x, cos, sin, caches, seen, span, out);
     }
     return out;
   }
 
   template <typename T>
-  void step(const torch::Tensor& x_, const torch::Tensor& cos_, const torch::Tensor& sin_, torch::Tensor& keys_,
-            torch::Tensor& values_, const c10::optional<torch::Tensor>& mask_, int64_t position, int64_t span,
-            torch::Tensor& out_) const {
+  void step(const torch::Tensor& x_, const torch::Tensor& cos_, const torch::Tensor& sin_,
+            const std::vector<Cache>& caches, const bool* mask, int64_t mask_span, torch::Tensor& out_) const {
     constexpr bool bf16 = !std::is_same_v<T, float>;
-    const int64_t batch = x_.size(0), qkv_width = (heads + 2 * kv_heads) * head_dim, attn_width = heads * head_dim;
+    const int64_t batch = x_.numel() / hidden, qkv_width = (heads + 2 * kv_heads) * head_dim;
     const T* x = x_.data_ptr<T>();
     std::vector<float> h(batch * hidden), normed(batch * hidden), projected(batch * qkv_width);
     for (int64_t i = 0; i < batch * hidden; ++i) h[i] = value(x, i);
@@ -154,10 +175,8 @@ struct DecodeLayer : torch::CustomClassHolder {
     rms_norm<T>(h.data(), input_norm.data_ptr<T>(), batch, normed.data());
     Activations a;
     project(*qkv, normed.data(), batch, a, projected.data(), qkv_width);
-    std::vector<float> attended(batch * attn_width);
-    attend<T>(projected.data(), cos_.data_ptr<T>(), sin_.data_ptr<T>(), keys_.data_ptr<T>(), values_.data_ptr<T>(),
-              keys_.size(2), mask_.has_value() ? mask_->data_ptr<bool>() : nullptr, batch, position, span,
-              attended.data());
+    std::vector<float> attended(batch * heads * head_dim);
+    attend<T>(projected.data(), cos_.data_ptr<T>(), sin_.data_ptr<T>(), caches, mask, mask_span, attended.data());
     std::vector<float> mixed(batch * hidden);
     project(*o, attended.data(), batch, a, mixed.data(), hidden);
     for (int64_t i = 0; i < batch * hidden; ++i) h[i] = round_to(h[i] + round_to(mixed[i], bf16), bf16);
@@ -208,14 +227,16 @@ struct DecodeLayer : torch::CustomClassHolder {
     }
   }
 
-  // Rotary on q and k, k and v into the cache at `position`, then attention of every head over the span.
+  // Rotary on q and k, each row's k and v into its cache, then attention of every head over its keys.
   template <typename T>
-  void attend(float* qkv_rows, const T* cos, const T* sin, T* keys, T* values, int64_t capacity, const bool* mask,
-              int64_t batch, int64_t position, int64_t span, float* out) const {
+  void attend(float* qkv_rows, const T* cos, const T* sin, const std::vector<Cache>& caches, const bool* mask,
+              int64_t mask_span, float* out) const {
     constexpr bool bf16 = !std::is_same_v<T, float>;
-    const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2, group = heads / kv_heads;
+    const int64_t batch = caches.size(), width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
+    const int64_t group = heads / kv_heads;
     const float scale = 1.f / std::sqrt(static_cast<float>(head_dim));
     std::vector<float> rotated(head_dim);
+    int64_t work = 0;
     for (int64_t b = 0; b < batch; ++b) {
       float* row = qkv_rows + b * width;
       for (int64_t i = 0; i < width; ++i) row[i] = round_to(row[i], bf16);
@@ -227,29 +248,35 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
         for (int64_t i = 0; i < head_dim; ++i) v[i] = head < heads ? round_to(rotated[i] * scale, bf16) : rotated[i];
       }
+      const Cache& cache = caches[b];
       for (int64_t g = 0; g < kv_heads; ++g) {
-        const int64_t at = ((b * kv_heads + g) * capacity + position) * head_dim;
+        T* k = static_cast<T*>(cache.keys) + g * cache.key_stride + cache.position * head_dim;
+        T* v = static_cast<T*>(cache.values) + g * cache.value_stride + cache.position * head_dim;
         for (int64_t i = 0; i < head_dim; ++i) {
-          store(keys, at + i, row[(heads + g) * head_dim + i]);
-          store(values, at + i, row[(heads + kv_heads + g) * head_dim + i]);
+          store(k, i, row[(heads + g) * head_dim + i]);
+          store(v, i, row[(heads + kv_heads + g) * head_dim + i]);
         }
       }
+      work += cache.span * heads;
     }
-    split(batch * heads, batch * heads * span > kParallelAttention, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(span);
+    split(batch * heads, work > kParallelAttention, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / heads, head = task % heads, g = head / group;
+        const int64_t b = task / heads, head = task % heads, g = head / group, span = caches[b].span;
         const float* q = qkv_rows + b * width + head * head_dim;
-        const T* k = keys + (b * kv_heads + g) * capacity * head_dim;
-        const T* v = values + (b * kv_heads + g) * capacity * head_dim;
-        const bool* seen = mask ? mask + b * span : nullptr;
+        const T* k = static_cast<const T*>(caches[b].keys) + g * caches[b].key_stride;
+        const T* v = static_cast<const T*>(caches[b].values) + g * caches[b].value_stride;
+        const bool* seen = mask ? mask + b * mask_span : nullptr;
+        scores.resize(span);
         float top = -INFINITY;
         for (int64_t t = 0; t < span; ++t) {
           scores[t] = seen && !seen[t] ? -INFINITY : dot(q, k + t * head_dim, head_dim);
           top = std::max(top, scores[t]);
         }
         float total = 0.f;
-        for (int64_t t = 0; t < span; ++t) total += scores[t] = scores[t] == -INFINITY ? 0.f : std::exp(scores[t] - top);
+        for (int64_t t = 0; t < span; ++t) {
+          total += scores[t] = scores[t] == -INFINITY ? 0.f : std::exp(scores[t] - top);
+        }
         float* o = out + b * heads * head_dim + head * head_dim;
         std::fill(o, o + head_dim, 0.f);
         for (int64_t t = 0; t < span; ++t) {

@@ -43,7 +43,9 @@ torch::Tensor run(const Weights& weights, const torch::Tensor& x) {
   return bf16 ? out.to(torch::kBFloat16) : out;
 }
 
-torch::Tensor bias_or_none(const c10::optional<torch::Tensor>& bias) { return bias.has_value() ? *bias : torch::Tensor(); }
+torch::Tensor bias_or_none(const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() ? *bias : torch::Tensor();
+}
 
 template <Format kFormat>
 torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& scales,
@@ -51,7 +53,8 @@ torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weig
   return run(Weights(kFormat, weights, scales, bias_or_none(bias), out_features), x);
 }
 
-torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                           const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == x.scalar_type(), "weight must be (N, K) of x's dtype");
   return run(Weights(Format::kDense, weight, {}, bias_or_none(bias), weight.size(0)), x);
 }

@@ -17,36 +17,42 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attention import KVCache, SelfAttention
-from .linear import PackedLinear, SplitOutputs, kernels_take
+from .linear import KERNEL_ROWS, PackedLinear, SplitOutputs, kernels_take
 from .mlp import GatedMLP
 from .norms import RMSNorm
+from ..quantize_vnni import KERNEL_ROWS as QUANTIZED_ROWS
 from ..quantize_vnni import Int4VnniLinear, Int8VnniLinear
 
 DENSE, INT8, INT4 = 0, 1, 2  # the kernel's weight formats (vlm/kernels/matvec.h)
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (its modules and dtype, kernel layer)
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (dtype and modules, kernel, most rows)
 
 
 def decode_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 mask: torch.Tensor | None) -> torch.Tensor | None:
     """The layer's output for x (B, 1, D) through the kernel (its k and v written to `cache`), or None where
     the kernel does not apply."""
-    if x.shape[1] != 1 or x.device.type != "cpu" or torch.is_grad_enabled():
+    rows = x.shape[0]
+    if x.shape[1] != 1 or x.device.type != "cpu" or torch.is_grad_enabled() or not isinstance(cache, KVCache):
         return None
-    kernel = _kernel(layer, x.dtype)
-    if kernel is None:
+    kernel, max_rows = _kernel(layer, x.dtype)
+    if kernel is None or rows > max_rows:
         return None
-    index = layer.self_attn.layer
-    return kernel.forward(x.contiguous(), cos.contiguous(), sin.contiguous(), cache.keys[index], cache.values[index],
-                          None if mask is None else mask.contiguous(), cache.length, cache.span)
+    keys, values = cache.keys[layer.self_attn.layer], cache.values[layer.self_attn.layer]
+    if keys.dtype != x.dtype:
+        return None
+    return kernel.forward(x.contiguous(), cos.contiguous(), sin.contiguous(), list(keys.unbind(0)),
+                          list(values.unbind(0)), [cache.length] * rows,
+                          None if mask is None else mask.reshape(rows, -1).contiguous())
 
 
-def _kernel(layer: nn.Module, dtype: torch.dtype):
-    """The layer's kernel form for inputs of `dtype`, built once (again if any of its modules is replaced)."""
+def _kernel(layer: nn.Module, dtype: torch.dtype) -> tuple[object | None, int]:
+    """The layer's kernel form for inputs of `dtype` and the most rows it takes, built once (again if any of its
+    modules is replaced)."""
     parts = (dtype, *_parts(layer))
     cached = _compiled.get(layer)
     if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts)):
-        cached = _compiled[layer] = (parts, _build(layer, dtype))
-    return cached[1]
+        cached = _compiled[layer] = (parts, *_build(layer, dtype))
+    return cached[1:]
 
 
 def _parts(layer: nn.Module) -> tuple:
@@ -56,24 +62,26 @@ def _parts(layer: nn.Module) -> tuple:
             getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
 
 
-def _build(layer: nn.Module, dtype: torch.dtype):
+def _build(layer: nn.Module, dtype: torch.dtype) -> tuple[object | None, int]:
     attention, mlp, input_norm, post_norm, *projections = _parts(layer)
     if (type(attention) is not SelfAttention or type(mlp) is not GatedMLP or mlp.act is not F.silu
             or type(input_norm) is not RMSNorm or type(post_norm) is not RMSNorm or input_norm.eps != post_norm.eps
             or input_norm.weight.dtype != dtype or post_norm.weight.dtype != dtype
             or not kernels_take(dtype, input_norm.weight.device)):
-        return None
+        return None, 0
     linears = [_linear(module, dtype) for module in projections]
     if any(linear is None for linear in linears) or mlp.down_proj.in_features % 16:
-        return None
-    return torch.classes.vlm_kernels.DecodeLayer(input_norm.weight.detach(), post_norm.weight.detach(), input_norm.eps,
-                                                 attention.heads, attention.kv_heads, attention.head_dim, *linears)
+        return None, 0
+    kernel = torch.classes.vlm_kernels.DecodeLayer(input_norm.weight.detach(), post_norm.weight.detach(),
+                                                   input_norm.eps, attention.heads, attention.kv_heads,
+                                                   attention.head_dim, *linears)
+    quantized = any(isinstance(_unsplit(module), (Int8VnniLinear, Int4VnniLinear)) for module in projections)
+    return kernel, QUANTIZED_ROWS if quantized else KERNEL_ROWS
 
 
 def _linear(module: nn.Module | None, dtype: torch.dtype):
     """The kernel's form of a projection: a plain weight of `dtype` or VNNI int8/int4 codes (None: neither)."""
-    if isinstance(module, SplitOutputs):
-        module = module.inner
+    module = _unsplit(module)
     if isinstance(module, PackedLinear):
         module.prepare()
         weight, bias = module.weight, module.bias
@@ -87,4 +95,9 @@ def _linear(module: nn.Module | None, dtype: torch.dtype):
         return None
     if weight is None or weight.dtype != dtype:
         return None
-    return torch.classes.vlm_kernels.Linear(DENSE, weight, None, None if bias is None else bias.detach(), weight.shape[0])
+    bias = None if bias is None else bias.detach()
+    return torch.classes.vlm_kernels.Linear(DENSE, weight, None, bias, weight.shape[0])
+
+
+def _unsplit(module: nn.Module | None) -> nn.Module | None:
+    return module.inner if isinstance(module, SplitOutputs) else module
