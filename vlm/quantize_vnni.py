@@ -1,7 +1,7 @@
 """int8 and int4 weights in the layout of this project's VNNI kernels (`vlm/kernels`), used when they build.
 
 Both keep a float16 scale per 32 inputs of a row (int4 also a min: w = scale * code + min), like llama.cpp's
-Q8_0 and Q4_1, and are stored 16 rows interleaved (see quantized_linear.cpp). Up to `KERNEL_ROWS` input
+Q8_0 and Q4_1, and are stored 16 rows interleaved (see vlm/kernels/matvec.h), the codes on huge pages. Up to `KERNEL_ROWS` input
 rows (decoding, a batch of decode rows) the kernel multiplies int8-quantized activations by the codes;
 longer inputs (prompts) dequantize the weight once and use the float matmul.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from . import hugepages
 
 BLOCK = 32  # inputs per scale
 ROWS = 16  # rows interleaved
@@ -49,7 +51,7 @@ class _VnniLinear(nn.Module):
             raise ValueError(f"in_features must be a multiple of {BLOCK}, not {linear.in_features}")
         groups, blocks = -(-self.out_features // ROWS), self.in_features // BLOCK
         weight = linear.weight.detach()
-        codes = torch.empty(groups, int(self.in_features * ROWS * self.bytes_per_weight), dtype=torch.uint8)
+        codes = hugepages.empty((groups, int(self.in_features * ROWS * self.bytes_per_weight)), torch.uint8)
         scales = torch.empty(groups, blocks, self.scale_planes * ROWS, dtype=torch.float16)
         for start, chunk in _row_chunks(weight):
             part = slice(start // ROWS, start // ROWS + chunk.shape[0] // ROWS)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import hugepages
+
 _PACKING = threading.Lock()
 KERNEL_ROWS = 4  # up to this many input rows the kernels beat F.linear (above, oneDNN with AMX is faster)
 
@@ -72,17 +74,29 @@ class PackedLinear(nn.Module):
         self.packed: torch.Tensor | None = None
 
     def prepare(self) -> None:
-        """Join the weights, then keep them plain for the kernels or pack them for oneDNN (once)."""
+        """Join the weights (once): on huge pages for the kernels (see `vlm.hugepages`), else packed for oneDNN."""
         if self.weight is not None or self.packed is not None:
             return
         with _PACKING:  # two streams may reach a fresh model at once
             if self.weight is None and self.packed is None:
-                weight = (torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]).detach()
-                if kernels_take(weight.dtype, weight.device):
-                    self.weight = weight.contiguous()
+                first = self.sources[0]
+                if kernels_take(first.dtype, first.device):
+                    self.weight = self._joined_on_huge_pages()
                 else:
-                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+                    weight = torch.cat(self.sources) if len(self.sources) > 1 else first
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
                 self.sources = []  # a tied embedding keeps its own reference
+
+    def _joined_on_huge_pages(self) -> torch.Tensor:
+        """The weights as one matrix on huge pages. A single weight that is a parameter (e.g. an embedding tied to
+        this head) moves there itself, so both read one copy and the original (a memory map) is freed."""
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, even on a first call in inference
+            rows = sum(source.shape[0] for source in self.sources)
+            weight = hugepages.empty((rows, self.in_features), self.sources[0].dtype)
+            torch.cat([source.detach() for source in self.sources], out=weight)
+            if len(self.sources) == 1 and isinstance(self.sources[0], nn.Parameter):
+                self.sources[0].data = weight
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         self.prepare()
