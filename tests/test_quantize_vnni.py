@@ -93,14 +93,15 @@ def test_kernel_computes_int8_activations_times_the_codes(cls, rows, bias):
 def test_threads_split_rows_without_changing_results(cls):
     torch.manual_seed(0)
     layer, x = cls(nn.Linear(512, 4096)), torch.randn(2, 512)
+    op = getattr(torch.ops.vlm_kernels, layer.op_name)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = layer(x)
         torch.set_num_threads(2)
-        assert torch.equal(layer(x), one)
+        one, two = (op(x, layer.codes, layer.scales, layer.kernel_bias, layer.out_features, parallel)
+                    for parallel in (False, True))
     finally:
         torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(layer(x), one)
 
 
 @needs_kernels

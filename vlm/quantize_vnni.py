@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import hugepages
+from .kernels.pace import Pace
 
 BLOCK = 32  # inputs per scale
 ROWS = 16  # rows interleaved
@@ -60,12 +61,15 @@ class _VnniLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = linear.bias
         self.kernel_bias = None if linear.bias is None else linear.bias.detach().float()
+        self.pace = Pace()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= KERNEL_ROWS and x.device.type == "cpu":
             op = getattr(torch.ops.vlm_kernels, self.op_name)
-            out = op(flat.contiguous(), self.codes, self.scales, self.kernel_bias, self.out_features)
+            flat = flat.contiguous()
+            out = self.pace.run(lambda parallel: op(flat, self.codes, self.scales, self.kernel_bias,
+                                                    self.out_features, parallel))
         else:
             out = F.linear(flat, self.dequantized(x.dtype), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

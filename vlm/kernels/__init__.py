@@ -21,7 +21,10 @@ import torch
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 SOURCES = ("linear.cpp", "decode_layer.cpp")
 HEADERS = ("matvec.h",)
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+# -fopenmp: at::parallel_for is inline code that splits work over torch's OpenMP threads only when the extension
+# itself is compiled with OpenMP (without it every loop runs on one thread); libgomp is the one torch loaded.
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 _BUILD = threading.Lock()
 _state: dict[str, bool] = {}
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ def _build() -> bool:
         from torch.utils import cpp_extension
 
         cpp_extension.load(name=_build_name(), sources=[str(Path(__file__).with_name(source)) for source in SOURCES],
-                           extra_cflags=COMPILE_FLAGS, is_python_module=False, verbose=False)
+                           extra_cflags=COMPILE_FLAGS, extra_ldflags=LINK_FLAGS, is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the PyTorch path stays
         log.warning("vlm kernels not built (%s: %s); using PyTorch's kernels", type(exc).__name__, exc)
         return False
@@ -72,7 +75,7 @@ def _build() -> bool:
 def _build_name() -> str:
     """The extension's name, with a digest of its sources and flags: each version builds in its own directory,
     so checkouts of different versions never rebuild or load each other's."""
-    digest = hashlib.sha256(" ".join(COMPILE_FLAGS).encode())
+    digest = hashlib.sha256(" ".join(COMPILE_FLAGS + LINK_FLAGS).encode())
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + Path(__file__).with_name(name).read_bytes())
     return f"vlm_kernels_{digest.hexdigest()[:12]}"

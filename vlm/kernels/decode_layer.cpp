@@ -1,9 +1,10 @@
 // One decode step of a Qwen2-style decoder layer in one call: RMSNorm, q/k/v, rotary, the KV cache write,
 // attention, o, residual, RMSNorm, gate/up, SiLU, down, residual, for B rows of one new token each.
 //
-// Five parallel regions per layer (q/k/v, attention, o, gate/up with the activation, down), each splitting
-// 16-row groups (or heads) over torch's intra-op threads; norms, rotary and activation quantization are
-// small and run on the calling thread. Values are rounded to bfloat16 where the eager layer stores them
+// With `parallel`, five parallel regions per layer (q/k/v, attention, o, gate/up with the activation, down),
+// each splitting 16-row groups (or heads) over torch's intra-op threads; without, all on the calling thread
+// (no barrier to wait at: faster when the other cores are busy). Norms, rotary and activation quantization
+// are small and always run on the calling thread. Values are rounded to bfloat16 where the eager layer stores them
 // (norm outputs, projections, the residual stream, the cache) so both paths agree to bfloat16 rounding;
 // float32 layers compute in float32 throughout. Scores and softmax are float32.
 
@@ -121,10 +122,11 @@ struct DecodeLayer : torch::CustomClassHolder {
 
   // x: N rows (any shape of N x hidden values, e.g. (B, 1, D) or (1, N, D)); cos, sin: N x head_dim; row r's
   // cache: keys[r], values[r] (KV heads, capacity, head_dim), its k and v written at positions[r]. It sees its
-  // keys up to positions[r], or with a mask (N, span) the keys t < span where mask[r][t] is True.
+  // keys up to positions[r], or with a mask (N, span) the keys t < span where mask[r][t] is True. `parallel`:
+  // split the work over the intra-op threads.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
                         std::vector<torch::Tensor> values, std::vector<int64_t> positions,
-                        c10::optional<torch::Tensor> mask) {
+                        c10::optional<torch::Tensor> mask, bool parallel) {
     const auto dtype = x.scalar_type();
     TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "x must be float32 or bfloat16");
     TORCH_CHECK(x.is_contiguous() && x.size(-1) == hidden, "x must be contiguous rows of ", hidden, " values");
@@ -155,16 +157,17 @@ struct DecodeLayer : torch::CustomClassHolder {
     torch::Tensor out = torch::empty_like(x);
     const bool* seen = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
     if (dtype == torch::kFloat) {
-      step<float>(x, cos, sin, caches, seen, span, out);
+      step<float>(x, cos, sin, caches, seen, span, parallel, out);
     } else {
-      step<at::BFloat16>(x, cos, sin, caches, seen, span, out);
+      step<at::BFloat16>(x, cos, sin, caches, seen, span, parallel, out);
     }
     return out;
   }
 
   template <typename T>
   void step(const torch::Tensor& x_, const torch::Tensor& cos_, const torch::Tensor& sin_,
-            const std::vector<Cache>& caches, const bool* mask, int64_t mask_span, torch::Tensor& out_) const {
+            const std::vector<Cache>& caches, const bool* mask, int64_t mask_span, bool parallel,
+            torch::Tensor& out_) const {
     constexpr bool bf16 = !std::is_same_v<T, float>;
     const int64_t batch = x_.numel() / hidden, qkv_width = (heads + 2 * kv_heads) * head_dim;
     const T* x = x_.data_ptr<T>();
@@ -174,11 +177,12 @@ struct DecodeLayer : torch::CustomClassHolder {
     // attention block
     rms_norm<T>(h.data(), input_norm.data_ptr<T>(), batch, normed.data());
     Activations a;
-    project(*qkv, normed.data(), batch, a, projected.data(), qkv_width);
+    project(*qkv, normed.data(), batch, a, projected.data(), qkv_width, parallel);
     std::vector<float> attended(batch * heads * head_dim);
-    attend<T>(projected.data(), cos_.data_ptr<T>(), sin_.data_ptr<T>(), caches, mask, mask_span, attended.data());
+    attend<T>(projected.data(), cos_.data_ptr<T>(), sin_.data_ptr<T>(), caches, mask, mask_span, parallel,
+              attended.data());
     std::vector<float> mixed(batch * hidden);
-    project(*o, attended.data(), batch, a, mixed.data(), hidden);
+    project(*o, attended.data(), batch, a, mixed.data(), hidden, parallel);
     for (int64_t i = 0; i < batch * hidden; ++i) h[i] = round_to(h[i] + round_to(mixed[i], bf16), bf16);
 
     // MLP block: gate and up rows of the same features in one thread, so the activation needs no barrier
@@ -187,7 +191,7 @@ struct DecodeLayer : torch::CustomClassHolder {
     gu.prepare(normed.data(), batch, a);
     std::vector<float> gated(batch * 2 * intermediate), activated(batch * intermediate);
     const int64_t half = intermediate / kRows;
-    at::parallel_for(0, half, 1, [&](int64_t g0, int64_t g1) {
+    split(half, parallel, [&](int64_t g0, int64_t g1) {
       gu.multiply(a, g0, g1, gated.data(), 2 * intermediate);
       gu.multiply(a, half + g0, half + g1, gated.data(), 2 * intermediate);
       for (int64_t t = 0; t < batch; ++t) {
@@ -200,16 +204,17 @@ struct DecodeLayer : torch::CustomClassHolder {
         }
       }
     });
-    project(*down, activated.data(), batch, a, mixed.data(), hidden);
+    project(*down, activated.data(), batch, a, mixed.data(), hidden, parallel);
     T* out = out_.data_ptr<T>();
     for (int64_t i = 0; i < batch * hidden; ++i) store(out, i, h[i] + round_to(mixed[i], bf16));
   }
 
   // y (M, width) = linear(x), the groups split over the threads.
-  static void project(const Linear& linear, const float* x, int64_t m, Activations& a, float* y, int64_t width) {
+  static void project(const Linear& linear, const float* x, int64_t m, Activations& a, float* y, int64_t width,
+                      bool parallel) {
     const Weights& w = linear.weights;
     w.prepare(x, m, a);
-    at::parallel_for(0, w.groups(), 1, [&](int64_t g0, int64_t g1) { w.multiply(a, g0, g1, y, width); });
+    split(w.groups(), parallel, [&](int64_t g0, int64_t g1) { w.multiply(a, g0, g1, y, width); });
   }
 
   // RMSNorm in float32, rounded as the eager norm rounds: weight * round(normed), then round.
@@ -230,7 +235,7 @@ struct DecodeLayer : torch::CustomClassHolder {
   // Rotary on q and k, each row's k and v into its cache, then attention of every head over its keys.
   template <typename T>
   void attend(float* qkv_rows, const T* cos, const T* sin, const std::vector<Cache>& caches, const bool* mask,
-              int64_t mask_span, float* out) const {
+              int64_t mask_span, bool parallel, float* out) const {
     constexpr bool bf16 = !std::is_same_v<T, float>;
     const int64_t batch = caches.size(), width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
     const int64_t group = heads / kv_heads;
@@ -259,7 +264,7 @@ struct DecodeLayer : torch::CustomClassHolder {
       }
       work += cache.span * heads;
     }
-    split(batch * heads, work > kParallelAttention, [&](int64_t begin, int64_t end) {
+    split(batch * heads, parallel && work > kParallelAttention, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / heads, head = task % heads, g = head / group, span = caches[b].span;

@@ -1,5 +1,5 @@
 // Linear layers for a few input rows (decoding): y = x W^T + b with the kernels of matvec.h, the 16-row
-// groups split over torch's intra-op threads (at::parallel_for).
+// groups split over torch's intra-op threads (at::parallel_for) when `parallel`, else on the calling thread.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -12,7 +12,7 @@ using vlm::Activations;
 using vlm::Format;
 using vlm::Weights;
 
-torch::Tensor run(const Weights& weights, const torch::Tensor& x) {
+torch::Tensor run(const Weights& weights, const torch::Tensor& x, bool parallel) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.size(1) == weights.in_features, "x has ", x.size(1), " features, the weights ", weights.in_features);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
@@ -37,9 +37,12 @@ torch::Tensor run(const Weights& weights, const torch::Tensor& x) {
   }
   auto out = torch::empty({m, weights.out_features}, x.options().dtype(torch::kFloat));
   float* y = out.data_ptr<float>();
-  at::parallel_for(0, weights.groups(), 1, [&](int64_t begin, int64_t end) {
-    weights.multiply(a, begin, end, y, weights.out_features);
-  });
+  auto body = [&](int64_t begin, int64_t end) { weights.multiply(a, begin, end, y, weights.out_features); };
+  if (parallel) {
+    at::parallel_for(0, weights.groups(), 1, body);
+  } else {
+    body(0, weights.groups());
+  }
   return bf16 ? out.to(torch::kBFloat16) : out;
 }
 
@@ -49,22 +52,21 @@ torch::Tensor bias_or_none(const c10::optional<torch::Tensor>& bias) {
 
 template <Format kFormat>
 torch::Tensor quantized_linear(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& scales,
-                               const c10::optional<torch::Tensor>& bias, int64_t out_features) {
-  return run(Weights(kFormat, weights, scales, bias_or_none(bias), out_features), x);
+                               const c10::optional<torch::Tensor>& bias, int64_t out_features, bool parallel) {
+  return run(Weights(kFormat, weights, scales, bias_or_none(bias), out_features), x, parallel);
 }
 
 torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                           const c10::optional<torch::Tensor>& bias) {
+                           const c10::optional<torch::Tensor>& bias, bool parallel) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == x.scalar_type(), "weight must be (N, K) of x's dtype");
-  return run(Weights(Format::kDense, weight, {}, bias_or_none(bias), weight.size(0)), x);
+  return run(Weights(Format::kDense, weight, {}, bias_or_none(bias), weight.size(0)), x, parallel);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlm_kernels, library) {
-  library.def("int8_linear(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features) -> Tensor",
-              &quantized_linear<Format::kInt8>);
-  library.def("int4_linear(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features) -> Tensor",
-              &quantized_linear<Format::kInt4>);
-  library.def("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &dense_linear);
+#define VLM_QUANTIZED_ARGS "(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features, bool parallel)"
+  library.def("int8_linear" VLM_QUANTIZED_ARGS " -> Tensor", &quantized_linear<Format::kInt8>);
+  library.def("int4_linear" VLM_QUANTIZED_ARGS " -> Tensor", &quantized_linear<Format::kInt4>);
+  library.def("dense_linear(Tensor x, Tensor weight, Tensor? bias, bool parallel) -> Tensor", &dense_linear);
 }

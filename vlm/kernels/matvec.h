@@ -32,6 +32,11 @@ namespace vlm {
 constexpr int64_t kBlock = 32;  // inputs per scale
 constexpr int64_t kRows = 16;   // output rows per group (interleaved in the quantized formats)
 constexpr int64_t kTile = 8;    // activation rows computed together by the quantized kernel
+// Bytes prefetched ahead of each weight stream (hardware prefetchers stop at 4 KiB page boundaries): one core
+// read 12.4 -> 14.3 GB/s (int8) and 13.2 -> 14.5 GB/s (bf16) with it, of 16.1 for plain loads.
+constexpr int64_t kAhead = 2048;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kAhead, _MM_HINT_T0); }
 
 enum class Format : int64_t { kDense = 0, kInt8 = 1, kInt4 = 2 };
 
@@ -111,6 +116,7 @@ void group_kernel(const uint8_t* weights, const at::Half* scales, const Activati
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i w[8];
     const uint8_t* block = weights + b * kBlock * kRows / (kInt4 ? 2 : 1);
+    VLM_UNROLL for (int j = 0; j < (kInt4 ? 4 : 8); ++j) prefetch(block + 64 * j);
     if (kInt4) {
       VLM_UNROLL for (int j = 0; j < 4; ++j) {
         const __m512i packed = _mm512_loadu_si512(block + j * 64);
@@ -127,8 +133,12 @@ void group_kernel(const uint8_t* weights, const at::Half* scales, const Activati
     VLM_UNROLL for (int t = 0; t < T; ++t) {
       const int64_t row = m0 + t;
       const int8_t* x = a.codes.data() + row * k + b * kBlock;
-      __m512i dot = _mm512_setzero_si512();
-      VLM_UNROLL for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, w[j], broadcast4(x + 4 * j));
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains of dependent sums
+      VLM_UNROLL for (int j = 0; j < 4; ++j) {
+        even = _mm512_dpbusd_epi32(even, w[2 * j], broadcast4(x + 8 * j));
+        odd = _mm512_dpbusd_epi32(odd, w[2 * j + 1], broadcast4(x + 8 * j + 4));
+      }
+      __m512i dot = _mm512_add_epi32(even, odd);
       if (!kInt4) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(a.offsets[row * blocks + b]));
       const __m512 scale = _mm512_mul_ps(row_scales, _mm512_set1_ps(a.scales[row * blocks + b]));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
@@ -185,6 +195,7 @@ __attribute__((target("avx512bf16"))) void bf16_tile(const uint16_t* w, const ui
   for (int64_t i = 0; i < k; i += 32) {
     const __mmask32 mask = k - i >= 32 ? ~__mmask32(0) : (__mmask32(1) << (k - i)) - 1;
     __m512bh wv[R];
+    VLM_UNROLL for (int r = 0; r < R; ++r) prefetch(w + r * k + i);
     VLM_UNROLL for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k + i);
     VLM_UNROLL for (int t = 0; t < T; ++t) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + t * k + i);
@@ -203,6 +214,7 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t ldy) 
   for (int64_t i = 0; i < k; i += 16) {
     const __mmask16 mask = k - i >= 16 ? ~__mmask16(0) : (__mmask16(1) << (k - i)) - 1;
     __m512 wv[R];
+    VLM_UNROLL for (int r = 0; r < R; ++r) prefetch(w + r * k + i);
     VLM_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * k + i);
     VLM_UNROLL for (int t = 0; t < T; ++t) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * k + i);

@@ -3,14 +3,16 @@
 Eagerly, a decode step issues some 60 small PyTorch ops per layer (norms, rotary, cache writes, softmax,
 masks); at batch 1 on a CPU they cost as much time as reading the weights. The kernel does the whole layer
 in one pass over the same weights (plain float32/bfloat16 ones as `PackedLinear` keeps them, or the VNNI
-int8/int4 ones), both threads splitting each matrix's rows. It applies where the layer is exactly the
-Qwen2-style one (half-split rotary, SiLU MLP, q/k/v and gate/up fused) on a CPU, without autograd; elsewhere
-`decode_step` returns None and the eager layer runs.
+int8/int4 ones), the threads splitting each matrix's rows where that is faster (`vlm.kernels.pace`). It
+applies where the layer is exactly the Qwen2-style one (half-split rotary, SiLU MLP, q/k/v and gate/up fused)
+on a CPU, without autograd; elsewhere `decode_step` returns None and the eager layer runs.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +22,21 @@ from .attention import KVCache, SelfAttention
 from .linear import KERNEL_ROWS, PackedLinear, SplitOutputs, kernels_take
 from .mlp import GatedMLP
 from .norms import RMSNorm
+from ..kernels.pace import Pace
 from ..quantize_vnni import KERNEL_ROWS as QUANTIZED_ROWS
 from ..quantize_vnni import Int4VnniLinear, Int8VnniLinear
 
 DENSE, INT8, INT4 = 0, 1, 2  # the kernel's weight formats (vlm/kernels/matvec.h)
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (dtype and modules, kernel, most rows)
+@dataclass
+class Compiled:
+    """A layer's kernel, the most rows it takes, and how it is threaded."""
+
+    kernel: Any
+    max_rows: int
+    pace: Pace = field(default_factory=Pace)
+
+
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (dtype and modules, Compiled | None)
 
 
 def decode_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
@@ -34,49 +46,53 @@ def decode_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch
     rows = x.shape[0]
     if x.shape[1] != 1 or x.device.type != "cpu" or torch.is_grad_enabled() or not isinstance(cache, KVCache):
         return None
-    kernel, max_rows = _kernel(layer, x.dtype)
-    if kernel is None or rows > max_rows:
+    compiled = compiled_layer(layer, x.dtype)
+    if compiled is None or rows > compiled.max_rows:
         return None
     keys, values = cache.keys[layer.self_attn.layer], cache.values[layer.self_attn.layer]
     if keys.dtype != x.dtype:
         return None
-    return kernel.forward(x.contiguous(), cos.contiguous(), sin.contiguous(), list(keys.unbind(0)),
-                          list(values.unbind(0)), [cache.length] * rows,
-                          None if mask is None else mask.reshape(rows, -1).contiguous())
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    keys, values, positions = list(keys.unbind(0)), list(values.unbind(0)), [cache.length] * rows
+    mask = None if mask is None else mask.reshape(rows, -1).contiguous()
+    return compiled.pace.run(lambda parallel: compiled.kernel.forward(x, cos, sin, keys, values, positions, mask,
+                                                                      parallel))
 
 
-def _kernel(layer: nn.Module, dtype: torch.dtype) -> tuple[object | None, int]:
-    """The layer's kernel form for inputs of `dtype` and the most rows it takes, built once (again if any of its
-    modules is replaced)."""
+def compiled_layer(layer: nn.Module, dtype: torch.dtype) -> Compiled | None:
+    """The layer's kernel form for inputs of `dtype`, built once (again if any of its modules is replaced);
+    None where the kernel does not cover the layer."""
     parts = (dtype, *_parts(layer))
     cached = _compiled.get(layer)
     if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts)):
-        cached = _compiled[layer] = (parts, *_build(layer, dtype))
-    return cached[1:]
+        cached = _compiled[layer] = (parts, _build(layer, dtype))
+    return cached[1]
 
 
 def _parts(layer: nn.Module) -> tuple:
-    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return (attention, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None),
-            getattr(attention, "qkv_proj", None), getattr(attention, "o_proj", None),
-            getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
+    """The modules the kernel is built from (read from `_modules`: this runs at every step)."""
+    modules = layer._modules
+    attention, mlp = modules.get("self_attn"), modules.get("mlp")
+    inner = {**getattr(attention, "_modules", {}), **getattr(mlp, "_modules", {})}
+    return (attention, mlp, modules.get("input_layernorm"), modules.get("post_attention_layernorm"),
+            inner.get("qkv_proj"), inner.get("o_proj"), inner.get("gate_up_proj"), inner.get("down_proj"))
 
 
-def _build(layer: nn.Module, dtype: torch.dtype) -> tuple[object | None, int]:
+def _build(layer: nn.Module, dtype: torch.dtype) -> Compiled | None:
     attention, mlp, input_norm, post_norm, *projections = _parts(layer)
     if (type(attention) is not SelfAttention or type(mlp) is not GatedMLP or mlp.act is not F.silu
             or type(input_norm) is not RMSNorm or type(post_norm) is not RMSNorm or input_norm.eps != post_norm.eps
             or input_norm.weight.dtype != dtype or post_norm.weight.dtype != dtype
             or not kernels_take(dtype, input_norm.weight.device)):
-        return None, 0
+        return None
     linears = [_linear(module, dtype) for module in projections]
     if any(linear is None for linear in linears) or mlp.down_proj.in_features % 16:
-        return None, 0
+        return None
     kernel = torch.classes.vlm_kernels.DecodeLayer(input_norm.weight.detach(), post_norm.weight.detach(),
                                                    input_norm.eps, attention.heads, attention.kv_heads,
                                                    attention.head_dim, *linears)
     quantized = any(isinstance(_unsplit(module), (Int8VnniLinear, Int4VnniLinear)) for module in projections)
-    return kernel, QUANTIZED_ROWS if quantized else KERNEL_ROWS
+    return Compiled(kernel, QUANTIZED_ROWS if quantized else KERNEL_ROWS)
 
 
 def _linear(module: nn.Module | None, dtype: torch.dtype):

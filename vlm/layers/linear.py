@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import hugepages
+from ..kernels.pace import Pace
 
 _PACKING = threading.Lock()
 KERNEL_ROWS = 4  # up to this many input rows the kernels beat F.linear (above, oneDNN with AMX is faster)
@@ -72,6 +73,7 @@ class PackedLinear(nn.Module):
                                      requires_grad=False)
         self.weight: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
+        self.pace = Pace()
 
     def prepare(self) -> None:
         """Join the weights (once): on huge pages for the kernels (see `vlm.hugepages`), else packed for oneDNN."""
@@ -104,7 +106,9 @@ class PackedLinear(nn.Module):
         if self.weight is None:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         elif flat.shape[0] <= KERNEL_ROWS:
-            out = torch.ops.vlm_kernels.dense_linear(flat.contiguous(), self.weight, self.bias)
+            flat = flat.contiguous()
+            out = self.pace.run(lambda parallel: torch.ops.vlm_kernels.dense_linear(flat, self.weight, self.bias,
+                                                                                   parallel))
         else:
             out = F.linear(flat, self.weight, self.bias)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
