@@ -46,6 +46,7 @@ def _reference_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return (((blocks - low) / scale).round().clamp(0, 15) * scale + low).view(weight.shape)
 
 
+@needs_kernels
 @pytest.mark.parametrize("cls, bits", [(Int8VnniLinear, 8), (Int4VnniLinear, 4)])
 @pytest.mark.parametrize("out_features, in_features", [(200, 96), (64, 32), (896, 4864)])
 def test_packing_keeps_each_blocks_codes_and_scales(cls, bits, out_features, in_features):

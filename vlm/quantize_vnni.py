@@ -1,9 +1,9 @@
 """int8 and int4 weights in the layout of this project's VNNI kernels (`vlm/kernels`), used when they build.
 
 Both keep a float16 scale per 32 inputs of a row (int4 also a min: w = scale * code + min), like llama.cpp's
-Q8_0 and Q4_1, and are stored 16 rows interleaved (see vlm/kernels/matvec.h), the codes on huge pages. Up to `KERNEL_ROWS` input
-rows (decoding, a batch of decode rows) the kernel multiplies int8-quantized activations by the codes;
-longer inputs (prompts) dequantize the weight once and use the float matmul.
+Q8_0 and Q4_1, and are stored 16 rows interleaved (see vlm/kernels/matvec.h), the codes on huge pages. Up to
+`KERNEL_ROWS` input rows (decoding, a batch of decode rows) the kernel multiplies int8-quantized activations by
+the codes; longer inputs (prompts) dequantize the weight (in C++, per call) and use the float matmul.
 """
 
 from __future__ import annotations
@@ -63,6 +63,13 @@ class _VnniLinear(nn.Module):
         self.kernel_bias = None if linear.bias is None else linear.bias.detach().float()
         self.pace = Pace()
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (out_features, in_features) in `dtype`: each value in float32 (int8: (code - 128) * scale,
+        int4: code * scale + min), then rounded once to bfloat16 or widened."""
+        exact = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        op = getattr(torch.ops.vlm_kernels, self.op_name.replace("linear", "dequantize"))
+        return op(self.codes, self.scales, self.out_features, exact).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= KERNEL_ROWS and x.device.type == "cpu":
@@ -88,12 +95,6 @@ class Int8VnniLinear(_VnniLinear):
         codes = codes.view(codes.shape[0], ROWS, -1, 4).transpose(1, 2)  # (groups, K/4, ROWS, 4)
         return codes.reshape(codes.shape[0], -1), scales.transpose(1, 2)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = self.codes.view(-1, self.in_features // 4, ROWS, 4).transpose(1, 2).reshape(-1, self.in_features)
-        scales = self.scales.transpose(1, 2).reshape(-1, self.in_features // BLOCK, 1).float()
-        weight = (codes.view(codes.shape[0], -1, BLOCK).float() - 128) * scales
-        return weight.view(-1, self.in_features)[:self.out_features].to(dtype)
-
 
 class Int4VnniLinear(_VnniLinear):
     """y = x W^T + b, W as 4-bit codes with a float16 scale and min per 32 inputs (Q4_1's format)."""
@@ -109,12 +110,3 @@ class Int4VnniLinear(_VnniLinear):
         codes = codes.view(codes.shape[0], ROWS, -1, 2, 4).permute(0, 2, 1, 3, 4)  # (groups, K/8, ROWS, 2, 4)
         packed = codes[..., 0, :] | codes[..., 1, :] << 4
         return packed.reshape(packed.shape[0], -1), torch.cat([scales, low], 1).transpose(1, 2)
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        packed = self.codes.view(-1, self.in_features // 8, ROWS, 4)
-        codes = torch.stack([packed & 15, packed >> 4], 3)  # (groups, K/8, ROWS, 2, 4)
-        codes = codes.permute(0, 2, 1, 3, 4).reshape(-1, self.in_features // BLOCK, BLOCK)
-        planes = self.scales.view(self.scales.shape[0], -1, 2, ROWS).permute(0, 3, 1, 2)  # (groups, ROWS, blocks, 2)
-        scales, low = planes.reshape(-1, self.in_features // BLOCK, 2).float().chunk(2, dim=-1)
-        weight = codes.float() * scales + low
-        return weight.view(-1, self.in_features)[:self.out_features].to(dtype)

@@ -62,11 +62,32 @@ torch::Tensor dense_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return run(Weights(Format::kDense, weight, {}, bias_or_none(bias), weight.size(0)), x, parallel);
 }
 
+// The quantized weight as a dense (out_features, K) matrix of `dtype` (float32 or bfloat16), for long inputs.
+template <Format kFormat>
+torch::Tensor dequantize(const torch::Tensor& weights, const torch::Tensor& scales, int64_t out_features,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
+  const Weights w(kFormat, weights, scales, torch::Tensor(), out_features);
+  auto out = torch::empty({out_features, w.in_features}, weights.options().dtype(dtype));
+  at::parallel_for(0, w.groups(), 1, [&](int64_t g0, int64_t g1) {
+    if (dtype == torch::kFloat) {
+      w.dequantize(g0, g1, out.data_ptr<float>());
+    } else {
+      w.dequantize(g0, g1, out.data_ptr<at::BFloat16>());
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vlm_kernels, library) {
 #define VLM_QUANTIZED_ARGS "(Tensor x, Tensor weights, Tensor scales, Tensor? bias, int out_features, bool parallel)"
   library.def("int8_linear" VLM_QUANTIZED_ARGS " -> Tensor", &quantized_linear<Format::kInt8>);
   library.def("int4_linear" VLM_QUANTIZED_ARGS " -> Tensor", &quantized_linear<Format::kInt4>);
+  library.def("int8_dequantize(Tensor weights, Tensor scales, int out_features, ScalarType dtype) -> Tensor",
+              &dequantize<Format::kInt8>);
+  library.def("int4_dequantize(Tensor weights, Tensor scales, int out_features, ScalarType dtype) -> Tensor",
+              &dequantize<Format::kInt4>);
   library.def("dense_linear(Tensor x, Tensor weight, Tensor? bias, bool parallel) -> Tensor", &dense_linear);
 }

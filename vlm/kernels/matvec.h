@@ -254,6 +254,16 @@ void dense_rows(const W* w, const W* x, int64_t m, int64_t k, int64_t n0, int64_
     for (int64_t t = 0; t < m; ++t) tile(One{}, One{}, r, t);
 }
 
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+
+inline void store16(at::BFloat16* dst, __m512 v) {  // rounded to nearest even, as PyTorch rounds
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+}
+
 // One linear's weights (see the top of this file) and its bias (held in float32).
 struct Weights {
   Format format = Format::kDense;
@@ -274,6 +284,47 @@ struct Weights {
 
   bool bf16() const { return format == Format::kDense && data.scalar_type() == torch::kBFloat16; }
   int64_t groups() const { return (out_features + kRows - 1) / kRows; }
+
+  // Rows [g0 * 16, g1 * 16) of the quantized weight as float32 or bfloat16 values (out: N x K, row-major),
+  // each value as the Python reference computes it: (code - 128) * scale, or code * scale + min, in float32.
+  template <typename T>
+  void dequantize(int64_t g0, int64_t g1, T* out) const {
+    const bool int4 = format == Format::kInt4;
+    const int64_t k = in_features, blocks = k / kBlock, block_bytes = kBlock * kRows / (int4 ? 2 : 1);
+    const uint8_t* codes = data.data_ptr<uint8_t>();
+    const at::Half* all_scales = scales.data_ptr<at::Half>();
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t rows = std::min(kRows, out_features - g * kRows);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* block = codes + (g * blocks + b) * block_bytes;
+        const at::Half* s = all_scales + (g * blocks + b) * kRows * (int4 ? 2 : 1);
+        for (int64_t r = 0; r < rows; ++r) {
+          uint8_t row[kBlock];  // row r's 32 codes in input order
+          for (int64_t j = 0; j < kBlock / 4; ++j) {  // int8: 4 inputs per 4 bytes; int4: 8 inputs
+            if (int4 && j % 2) continue;
+            const uint8_t* word = block + ((int4 ? j / 2 : j) * kRows + r) * 4;
+            for (int64_t t = 0; t < 4; ++t) {
+              if (int4) {
+                row[4 * j + t] = word[t] & 15, row[4 * j + 4 + t] = word[t] >> 4;
+              } else {
+                row[4 * j + t] = word[t];
+              }
+            }
+          }
+          const __m512 scale = _mm512_set1_ps(static_cast<float>(s[r]));
+          const __m512 offset = int4 ? _mm512_set1_ps(static_cast<float>(s[kRows + r])) : _mm512_set1_ps(0.f);
+          T* dst = out + (g * kRows + r) * k + b * kBlock;
+          VLM_UNROLL for (int half = 0; half < 2; ++half) {
+            __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(row + 16 * half))));
+            if (!int4) code = _mm512_sub_ps(code, _mm512_set1_ps(128.f));
+            const __m512 value = int4 ? _mm512_fmadd_ps(code, scale, offset) : _mm512_mul_ps(code, scale);
+            store16(dst + 16 * half, value);
+          }
+        }
+      }
+    }
+  }
 
   // Activations for this format from float32 rows x (M, K).
   void prepare(const float* x, int64_t m, Activations& a) const {
