@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hugepages
 from ..quantize import METHODS
 from .checkpoints import MODELS, build_checkpoint, weight_bytes
 from .peer import PEER_MODELS, PRECISIONS, run_peer
@@ -89,8 +90,9 @@ def warm_page_cache(directory: Path, chunk: int = 1 << 24) -> None:
 
 def measure_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Sustained read bandwidth in bytes/s: the median of a few full reductions over a 1 GiB tensor (it
-    varies from run to run on a shared machine: measure it next to what it is compared with)."""
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
+    varies from run to run on a shared machine: measure it next to what it is compared with). The tensor is on
+    huge pages, as the kernels' weights are (`vlm.hugepages`), so the roofline is what the memory can give."""
+    data = hugepages.empty((size_bytes // 4,), torch.float32).fill_(1)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
