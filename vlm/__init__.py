@@ -19,7 +19,8 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     language model's linear weights in fewer bits: "int8" (per channel) or "int4" (CPU, groups of 32),
     which read less memory per decoded token, or bitsandbytes' "bnb-nf4" / "bnb-int8" (nf4 also decodes
     faster on CPUs with AVX512-BF16; bnb-int8 only saves memory there). On CPU, float32/bfloat16 linears
-    are packed for oneDNN on first use.
+    run through this project's kernels (`vlm.kernels`, built on first use) on their plain weights, or where
+    those cannot run are packed for oneDNN; either on first use.
     """
     from .checkpoint import config_error, read_config, resolve_device, resolve_dtype
     from .families import detect_family
