@@ -10,7 +10,9 @@ import vlm
 import vlm.tiny
 from vlm.errors import InputError
 import vlm.quantize
+from vlm import kernels
 from vlm.quantize import INT4_KERNEL_ROWS, INT8_KERNEL_ROWS, Int4Linear, Int8Linear, _int4, _unpack_int4_t
+from vlm.quantize_vnni import Int4VnniLinear, Int8VnniLinear
 
 from tests.quantized import closeness_to_bf16
 
@@ -24,11 +26,20 @@ def tiny_dir(tmp_path_factory):
         mrope_section=[8, 12, 12], vocab_size=448))  # int4 needs out_features % 64 == 0, lm_head included
 
 
-def test_int8_swaps_only_the_language_model(tiny_dir):
+def _classes() -> tuple[type, type]:
+    """The int8 and int4 layers quantize() builds here: the VNNI kernels' where they build, else aten's."""
+    return (Int8VnniLinear, Int4VnniLinear) if kernels.available() else (Int8Linear, Int4Linear)
+
+
+def test_int8_swaps_only_the_language_model_and_fused_projections_stay_fused(tiny_dir):
     pipe = vlm.load(tiny_dir, dtype="bfloat16", quantization="int8")
+    int8 = _classes()[0]
     kinds = {name: type(m) for name, m in pipe.model.named_modules()}
-    assert kinds["model.layers.0.self_attn.q_proj"] is Int8Linear and kinds["lm_head"] is Int8Linear
-    assert kinds["visual.blocks.0.attn.qkv"] is not Int8Linear  # the vision tower keeps its dtype
+    assert kinds["model.layers.0.self_attn.qkv_proj.inner"] is int8 and kinds["lm_head"] is int8
+    assert kinds["model.layers.0.mlp.gate_up_proj.inner"] is int8 and kinds["model.layers.0.mlp.down_proj"] is int8
+    assert kinds["visual.blocks.0.attn.qkv"] is not int8  # the vision tower keeps its dtype
+    fused = pipe.model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    assert fused.inner.out_features == 256 + 2 * 128 and fused.sizes == [256 + 128, 128]
 
 
 def test_int8_stays_close_to_bf16(tiny_dir):
@@ -146,7 +157,12 @@ def test_kernel_and_dequantized_paths_meet_at_the_threshold(method, rows):
         assert _rel(out, x.float() @ weight.t() + quant.bias.float()) < 0.005, path
 
 
-def test_int4_leaves_layers_that_do_not_fit_and_refuses_other_devices(tiny_dir):
+def test_int4_leaves_layers_that_do_not_fit_and_refuses_other_devices(tiny_dir, monkeypatch):
+    odd = nn.Linear(48, 128)
+    assert _int4(odd) is odd  # 48 inputs: no whole blocks of 32 for either kernel
+    if kernels.available():  # the VNNI layout takes whole blocks of 32 inputs, any number of rows
+        assert isinstance(_int4(nn.Linear(64, 96)), Int4VnniLinear)
+    monkeypatch.setattr(vlm.quantize, "_vnni", lambda linear: False)  # aten's kernel: rows in blocks of 64 too
     for linear in (nn.Linear(48, 128), nn.Linear(64, 96)):  # in_features % 32, out_features % 64
         assert _int4(linear) is linear
     assert isinstance(_int4(nn.Linear(64, 128)), Int4Linear)
@@ -159,9 +175,11 @@ def test_int4_swaps_the_language_model_and_stays_near_bf16(tiny_dir):
     RMS error vs bf16 0.87 (logits' RMS 1.6; bf16 vs fp32: 0.061, so ~14x), top-1 agreement 38% (chance
     is 1/448). Bounds: 20x bf16's error, 25% agreement."""
     q4 = vlm.load(tiny_dir, dtype="bfloat16", quantization="int4")
+    int8, int4 = _classes()
     kinds = {name: type(m) for name, m in q4.model.named_modules()}
-    assert kinds["model.layers.0.mlp.down_proj"] is Int4Linear and kinds["lm_head"] is Int4Linear
-    assert kinds["visual.blocks.0.attn.qkv"] is not Int4Linear
+    assert kinds["model.layers.0.mlp.down_proj"] is int4 and kinds["model.layers.0.self_attn.qkv_proj.inner"] is int4
+    assert kinds["lm_head"] is int8  # the head keeps 8 bits
+    assert kinds["visual.blocks.0.attn.qkv"] is not int4
     error, agreement = closeness_to_bf16(tiny_dir, ["int4"])["int4"]
     assert error <= 20 and agreement >= 0.25
     conv = [{"role": "user", "content": "Describe the picture in detail."}]

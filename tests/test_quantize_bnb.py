@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 def test_bnb_swaps_only_the_language_model_and_generates(tiny_dir, method):
     pipe = vlm.load(tiny_dir, dtype="bfloat16", quantization=method)
     kinds = {name: type(m) for name, m in pipe.model.named_modules()}
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+    for name in ("model.layers.0.self_attn.qkv_proj.inner", "model.layers.0.mlp.down_proj"):  # fused ones as one
         assert kinds[name] is LAYERS[method]
     # the tiny vocabulary (414) is no multiple of 32: bitsandbytes' CPU nf4 kernel cannot hold lm_head
     assert kinds["lm_head"] is (PackedLinear if method == "bnb-nf4" else LAYERS[method])

@@ -19,12 +19,13 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     language model's linear weights in fewer bits: "int8" (per channel) or "int4" (CPU, groups of 32),
     which read less memory per decoded token, or bitsandbytes' "bnb-nf4" / "bnb-int8" (nf4 also decodes
     faster on CPUs with AVX512-BF16; bnb-int8 only saves memory there). On CPU, float32/bfloat16 linears
-    are packed for oneDNN on first use.
+    run through this project's kernels (`vlm.kernels`, built on first use) on their plain weights, or where
+    those cannot run are packed for oneDNN; either on first use.
     """
     from .checkpoint import config_error, read_config, resolve_device, resolve_dtype
     from .families import detect_family
     from .hub import resolve
-    from .layers.linear import pack_linears
+    from .layers.linear import fuse_linears, pack_linears
     from .quantize import check_method, quantize
 
     torch_device = resolve_device(device)
@@ -38,6 +39,7 @@ def load(model: str | os.PathLike, device: str = "auto", dtype: Any = "auto", qu
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError,
             RecursionError) as exc:  # a field the family reads is missing or malformed
         raise config_error(directory, exc) from exc
+    fuse_linears(pipe.model)  # before quantizing, so fused projections are quantized (and run) as one
     if quantization is not None:
         quantize(pipe.model, quantization)
         pipe.clear_caches()

@@ -1,14 +1,21 @@
 """Weight-only quantization of a language model's linear layers.
 
 Decoding reads every weight once per token, so fewer bytes per weight mean more tokens/s on a
-memory-bound CPU, and less memory. Both kernels multiply bf16 activations by quantized weights directly
-(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); their cost grows with the rows,
-so longer inputs (prompts) dequantize the weight once and use the bf16 matmul instead.
+memory-bound CPU, and less memory. On CPUs with AVX512-VNNI where this project's kernels build
+(`vlm/kernels`, `vlm/quantize_vnni.py`), int8 and int4 use them: a float16 scale per 32 inputs (int4 also
+a min), activations rounded to int8 per 32 inputs and integer dot products, as llama.cpp does. Elsewhere
+PyTorch's kernels multiply bf16 activations by the codes directly (`torch.ops.aten._weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) in the formats below. Either way, the kernels' cost grows with the rows, so
+longer inputs (prompts) dequantize the weight once and use the bf16 matmul instead.
 
-- "int8": symmetric, one scale per output channel (error ~0.5% of a weight row).
+- "int8": symmetric; PyTorch's path has one scale per output channel (error ~0.5% of a weight row; 0.4%
+  with the VNNI kernels' scale per 32 inputs).
 - "int4" (CPU only): asymmetric (scale and zero point) per group of 32 inputs, like llama.cpp's Q4_1
-  (error ~6% of a weight row); layers whose sizes do not fit the kernel's groups and row blocks keep
-  their dtype. The kernel's packed layout depends on the CPU; it is found once by packing a probe.
+  (error ~6% of a weight row); the output head keeps 8 bits. On PyTorch's path, layers whose sizes do not
+  fit the kernel's groups and row blocks keep their dtype, and the kernel's packed layout depends on the
+  CPU; it is found once by packing a probe.
+
+Fused projections (q/k/v, gate/up; `fuse_linears`) are quantized as one matrix.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import InputError
+from .layers.linear import PackedLinear, SplitOutputs
 
 # Up to this many rows the kernel is faster than dequantize-then-bf16-matmul (Qwen2-VL-sized matrices,
 # 2 AVX512 cores: the crossover is at ~20-32 rows for int8, ~64-96 for int4).
@@ -147,7 +155,27 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+def _vnni(linear: nn.Linear) -> bool:
+    """Whether this project's VNNI kernels take `linear` (built on first use; see vlm/kernels)."""
+    from . import kernels
+    from .quantize_vnni import fits
+
+    return linear.weight.device.type == "cpu" and fits(linear) and kernels.available()
+
+
+def _int8(linear: nn.Linear) -> nn.Module:
+    if _vnni(linear):
+        from .quantize_vnni import Int8VnniLinear
+
+        return Int8VnniLinear(linear)
+    return Int8Linear(linear)
+
+
 def _int4(linear: nn.Linear) -> nn.Module:
+    if _vnni(linear):
+        from .quantize_vnni import Int4VnniLinear
+
+        return Int4VnniLinear(linear)
     if linear.in_features % INT4_GROUP or linear.out_features % _int4_layout()[0]:
         return linear  # no whole groups or row blocks: the layer keeps its dtype
     return Int4Linear(linear)
@@ -163,8 +191,11 @@ def _bitsandbytes(method: str) -> Callable[[nn.Linear], nn.Module]:
 
 
 METHODS: dict[str, Callable[[nn.Linear], nn.Module]] = {
-    "int8": Int8Linear, "int4": _int4, "bnb-int8": _bitsandbytes("int8"), "bnb-nf4": _bitsandbytes("nf4"),
+    "int8": _int8, "int4": _int4, "bnb-int8": _bitsandbytes("int8"), "bnb-nf4": _bitsandbytes("nf4"),
 }
+
+
+HEAD_METHODS = {"int4": "int8"}  # method -> the output head's
 
 
 def check_method(method: str | None, device: torch.device | None = None) -> None:
@@ -173,18 +204,30 @@ def check_method(method: str | None, device: torch.device | None = None) -> None
     if method == "int4" and device is not None and device.type != "cpu":
         raise InputError("quantization='int4' runs on CPU only; on a GPU use bnb-nf4 or bnb-int8.")
     if method == "int4":
-        _int4_layout()  # refuses early when this build's packing is unknown
+        from . import kernels
+
+        if not kernels.available():
+            _int4_layout()  # refuses early when this build's packing is unknown
 
 
 def quantize(model: nn.Module, method: str) -> None:
-    """Replace the language model's nn.Linear modules (names under `model.language_modules`)."""
+    """Replace the language model's linears (names under `model.language_modules`), fused ones (q/k/v,
+    gate/up) as one matrix. With "int4" the output head keeps 8 bits, as llama.cpp's 4-bit formats do: it is
+    the largest matrix of a small model and its errors go straight into the logits."""
     check_method(method)
     prefixes = getattr(model, "language_modules", None)
     if prefixes is None:
         raise InputError(f"quantization applies to chat models, not to {type(model).__name__}.")
     targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.startswith(prefixes)]
+               if isinstance(module, (nn.Linear, PackedLinear)) and name.startswith(prefixes)]
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, METHODS[method](getattr(parent, leaf)))
+        module = getattr(parent, leaf)
+        linear = module.as_linear() if isinstance(module, PackedLinear) else module
+        quantized = METHODS[HEAD_METHODS.get(method, method) if leaf == "lm_head" else method](linear)
+        if quantized is linear:
+            continue  # the layer keeps its dtype
+        if isinstance(module, PackedLinear) and len(module.sizes) > 1:
+            quantized = SplitOutputs(quantized, module.sizes)
+        setattr(parent, leaf, quantized)

@@ -1,4 +1,5 @@
-"""Packed (oneDNN) linear layers: same results as nn.Linear, packed on first use, skipped where unsupported."""
+"""PackedLinear: same results as nn.Linear, on the plain weight through the kernels where they run (a few
+rows) or F.linear, else packed for oneDNN on first use; skipped where neither is supported."""
 
 from __future__ import annotations
 
@@ -6,21 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.layers.linear import PackedLinear, pack_linears, packing_supported
+from vlm.layers.linear import KERNEL_ROWS, PackedLinear, fuse_linears, kernels_take, pack_linears, packing_supported
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.device("cpu")),
                                 reason="this torch build has no oneDNN")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 257])
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS, KERNEL_ROWS + 1, 257])  # the kernels up to KERNEL_ROWS
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_matches_linear(dtype, rows, bias):
     if not packing_supported(dtype, torch.device("cpu")):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias).to(dtype)
-    x = torch.randn(2, rows, 96, dtype=dtype)
+    x = torch.randn(1, rows, 96, dtype=dtype)
     expected = linear(x)
     packed = PackedLinear(linear)
     with torch.inference_mode():
@@ -28,7 +29,11 @@ def test_packed_matches_linear(dtype, rows, bias):
     assert got.shape == expected.shape and got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
-    assert packed.sources == [] and packed.packed is not None  # the plain weight is released once packed
+    assert packed.sources == []  # the weights are joined (or packed) once
+    if kernels_take(dtype, torch.device("cpu")):
+        assert packed.packed is None and packed.weight.data_ptr() == linear.weight.data_ptr()  # no copy
+    else:
+        assert packed.weight is None and packed.packed is not None
 
 
 @pytest.mark.parametrize("biases", [(True, True, True), (False, True, False), (False, False, False)])
@@ -54,7 +59,8 @@ def test_attention_and_mlp_fuse_their_projections():
     x = torch.randn(1, 3, 64)
     with torch.inference_mode():
         expected = mlp(x), attention.project(x)
-        pack_linears(attention), pack_linears(mlp)
+        for module in (attention, mlp):
+            fuse_linears(module), pack_linears(module)
         assert not hasattr(attention, "q_proj") and isinstance(attention.qkv_proj, PackedLinear)
         assert not hasattr(mlp, "gate_proj") and isinstance(mlp.gate_up_proj, PackedLinear)
         assert isinstance(attention.o_proj, PackedLinear) and isinstance(mlp.down_proj, PackedLinear)

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -14,17 +15,21 @@ from pathlib import Path
 
 import torch
 
+from .. import hugepages
 from ..quantize import METHODS
 from .checkpoints import MODELS, build_checkpoint, weight_bytes
+from .peer import PEER_MODELS, PRECISIONS, run_peer
+from .peer import to_markdown as peer_markdown
 from .media import make_image, make_video
 
 ROOT = Path(__file__).resolve().parents[2]
+SCENARIO_MODELS = "qwen2_vl_2b,llava_onevision_0.5b"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__)
-    parser.add_argument("--models", default="qwen2_vl_2b,llava_onevision_0.5b",
-                        help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--models", help=f"comma-separated, from {', '.join(MODELS)} (default: {SCENARIO_MODELS}; "
+                                         f"with --peer: {PEER_MODELS})")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/vlm-bench"), help="checkpoints are kept here")
@@ -33,11 +38,34 @@ def main() -> None:
     parser.add_argument("--quantization", choices=sorted(METHODS), help="quantize this project's language model")
     parser.add_argument("--streams", default="1,2,4,8", help="concurrent streams to measure (empty: none)")
     parser.add_argument("--kinds", default="text,image", help="what the concurrent streams ask: text, image")
+    peer = parser.add_argument_group("peer", "the language model against llama.cpp's on the same weights")
+    peer.add_argument("--peer", choices=["llama.cpp"], help="run the peer benchmark instead of the scenarios")
+    peer.add_argument("--llama-bench", help="path of llama-bench (llama-quantize is looked for beside it; "
+                                            "default: on PATH)")
+    peer.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, from %(default)s")
+    peer.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model and precision")
+    peer.add_argument("--prompt", type=int, default=512, help="prompt tokens (llama-bench -p)")
+    peer.add_argument("--gen", type=int, default=128, help="decoded tokens (llama-bench -n)")
     args = parser.parse_args()
+    args.models = args.models or (PEER_MODELS if args.peer else SCENARIO_MODELS)
 
-    cache, out = Path(args.cache), Path(args.out)
-    cache.mkdir(parents=True, exist_ok=True)
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    if args.peer:
+        report, render, stem = run_peer(args, _run, measure_bandwidth), peer_markdown, "results-peer"
+    else:
+        report, render, stem = scenarios(args), scenarios_markdown, "results"
+    report = {"machine": _machine(args.threads), "load": _load_average(), "date": time.strftime("%Y-%m-%d"), **report}
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render(report)
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
+def scenarios(args) -> dict:
+    """Ours against the reference on the image, decode, second-turn and video scenarios of each model."""
+    cache = Path(args.cache)
     image, video = make_image(cache / "bench.png"), make_video(cache / "bench.mp4")
     bandwidth = measure_bandwidth()
     rows = []
@@ -55,13 +83,7 @@ def main() -> None:
             rows[-1]["concurrency"] = _run([sys.executable, "-m", "vlm.bench.concurrency", str(checkpoint), "--media",
                                             str(cache), "--dtype", args.dtype, "--threads", str(args.threads),
                                             "--streams", args.streams, "--kinds", args.kinds])
-    report = {"machine": _machine(args.threads), "dtype": args.dtype, "quantization": args.quantization,
-              "bandwidth_gb_s": bandwidth / 1e9,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report) + concurrency_markdown(report)
-    (out / "results.md").write_text(markdown)
-    print(markdown)
+    return {"dtype": args.dtype, "quantization": args.quantization, "bandwidth_gb_s": bandwidth / 1e9, "rows": rows}
 
 
 def warm_page_cache(directory: Path, chunk: int = 1 << 24) -> None:
@@ -73,14 +95,16 @@ def warm_page_cache(directory: Path, chunk: int = 1 << 24) -> None:
 
 
 def measure_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Sustained read bandwidth in bytes/s: the best of a few full reductions over a 1 GiB tensor."""
-    data = torch.ones(size_bytes // 4, dtype=torch.float32)
-    best = float("inf")
+    """Sustained read bandwidth in bytes/s: the median of a few full reductions over a 1 GiB tensor (it
+    varies from run to run on a shared machine: measure it next to what it is compared with). The tensor is on
+    huge pages, as the kernels' weights are (`vlm.hugepages`), so the roofline is what the memory can give."""
+    data = hugepages.empty((size_bytes // 4,), torch.float32).fill_(1)
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best
+        seconds.append(time.perf_counter() - start)
+    return size_bytes / statistics.median(seconds)
 
 
 def _run(command: list[str]) -> dict:
@@ -110,7 +134,7 @@ def _row(name, checkpoint, ours, ref, bandwidth) -> dict:
 
 def to_markdown(report: dict) -> str:
     quantized = f" (this project: {report['quantization']} weights)" if report["quantization"] else ""
-    lines = [f"Machine: {report['machine']}; dtype {report['dtype']}{quantized}; measured read bandwidth "
+    lines = [f"Machine: {report['machine']}; load average {report['load']}; dtype {report['dtype']}{quantized}; measured read bandwidth "
              f"{report['bandwidth_gb_s']:.1f} GB/s; {report['date']}.", "",
              "| model | metric | ours | reference | ours vs reference |", "|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -135,6 +159,10 @@ def to_markdown(report: dict) -> str:
                          f"{report['dtype']} vs float32: {ours['top1_plain_vs_float32']:.0%}) | "
                          f"{ours['top1_vs_plain']:.0%} | - | - |")
     return "\n".join(lines) + "\n\nTimes: lower is better; 'ours vs reference' > 1 means this project is faster.\n"
+
+
+def scenarios_markdown(report: dict) -> str:
+    return to_markdown(report) + concurrency_markdown(report)
 
 
 def concurrency_markdown(report: dict) -> str:
@@ -173,6 +201,11 @@ def concurrency_markdown(report: dict) -> str:
                            f"{results['text/4/engine']['ttft_p95_s'] / lone:.2f}x a lone user's ({lone:.2f} s; "
                            "target <= 2x plus one chunk)")
     return "\n".join(lines + ["", *targets]) + "\n"
+
+
+def _load_average() -> str:
+    """The 1/5/15-minute load averages as the benchmark starts (other processes share the cores)."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def _machine(threads: int) -> str:

@@ -44,6 +44,15 @@ MODELS = {
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                     image_size=384, patch_size=14))),
+    # decoders of other shapes (tiny vision tower and vocabulary), so a kernel fast on one shape and slow on
+    # another shows: a TinyLlama-like width with full multi-head attention, and two layers of Qwen2-7B (its
+    # widest matrices)
+    "decoder_2048x5632x6": ModelSpec("qwen2_vl", dict(text=dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
+        num_key_value_heads=16, mrope_section=[16, 24, 24]))),
+    "decoder_3584x18944x2": ModelSpec("qwen2_vl", dict(text=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=2, num_attention_heads=28,
+        num_key_value_heads=4, mrope_section=[16, 24, 24]))),
 }
 
 def build_checkpoint(name: str, cache: Path, dtype: str) -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 from .. import cancellation
 from ..checkpoint import rope_config
 from .attention import CacheSpec, Rows, SelfAttention
+from .fused_decode import decode_step
 from .mlp import GatedMLP
 from .norms import RMSNorm
 
@@ -60,6 +61,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, rows):
+        fused = decode_step(self, x, cos, sin, rows)  # one compiled call where the kernels apply
+        if fused is not None:
+            return fused
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -1,9 +1,12 @@
-"""Linear layers whose weights are reordered once into oneDNN's blocked layout (CPU only).
+"""Linear layers for CPU decoding: this project's kernels on the plain weight, else oneDNN's packed layout.
 
 On x86 CPUs, `F.linear` with a plain row-major weight reaches about half the memory bandwidth at batch 1
-(decoding) because oneDNN reorders the weight on every call; a weight packed once is read at close to
-full speed (about 2x faster decode, and faster prompts too), with the same results. Projections that
-read the same input (q/k/v, gate/up) are packed as one matrix, so a layer makes fewer, larger calls.
+(decoding). Where this project's kernels run (`vlm/kernels`: AVX512, and AVX512-BF16 for bfloat16), a few
+input rows go through them and longer inputs through `F.linear`, both on the plain weight (no second copy,
+and the decoder layer's fused decode step reads the same tensor). Elsewhere the weight is reordered once into
+oneDNN's blocked layout, which is read at close to full speed (about 2x faster decode, faster prompts too).
+Projections that read the same input (q/k/v, gate/up) are joined as one matrix, so a layer makes fewer,
+larger calls.
 """
 
 from __future__ import annotations
@@ -13,8 +16,13 @@ import threading
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from .. import hugepages
+from ..kernels.threads import ThreadChoice
 
 _PACKING = threading.Lock()
+KERNEL_ROWS = 4  # up to this many input rows the kernels beat F.linear (above, oneDNN with AMX is faster)
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -26,6 +34,15 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def kernels_take(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this project's kernels multiply dense weights of `dtype` on `device` (built on first use)."""
+    from .. import kernels
+
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not kernels.available():
+        return False
+    return dtype == torch.float32 or kernels.bf16_supported()
+
+
 def packable(*modules: nn.Module) -> bool:
     """Whether these modules are plain linears over one input that oneDNN can pack together."""
     return all(type(m) is nn.Linear and packing_supported(m.weight.dtype, m.weight.device)
@@ -33,7 +50,8 @@ def packable(*modules: nn.Module) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b through oneDNN, with W packed on first use (so loading stays a memory map).
+    """y = x W^T + b through the kernels or oneDNN (see the module), prepared on first use (so loading stays
+    a memory map): `weight` is then the plain weight, or `packed` oneDNN's.
 
     Built from several linears, it runs them as one matmul and returns their outputs as a tuple; `outputs`
     groups neighbouring linears into one output (e.g. (2, 1): q and k together, then v).
@@ -53,26 +71,81 @@ class PackedLinear(nn.Module):
             self.bias = nn.Parameter(torch.cat([torch.zeros(linear.out_features, dtype=weight.dtype) if b is None
                                                 else b.detach() for b, linear in zip(biases, linears)]),
                                      requires_grad=False)
+        self.weight: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
+        self.threads = ThreadChoice()
+
+    def prepare(self) -> None:
+        """Join the weights (once): on huge pages for the kernels (see `vlm.hugepages`), else packed for oneDNN."""
+        if self.weight is not None or self.packed is not None:
+            return
+        with _PACKING:  # two streams may reach a fresh model at once
+            if self.weight is None and self.packed is None:
+                first = self.sources[0]
+                if kernels_take(first.dtype, first.device):
+                    self.weight = self._joined_on_huge_pages()
+                else:
+                    weight = torch.cat(self.sources) if len(self.sources) > 1 else first
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+                self.sources = []  # a tied embedding keeps its own reference
+
+    def _joined_on_huge_pages(self) -> torch.Tensor:
+        """The weights as one matrix on huge pages. A single weight that is a parameter (e.g. an embedding tied to
+        this head) moves there itself, so both read one copy and the original (a memory map) is freed."""
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, even on a first call in inference
+            rows = sum(source.shape[0] for source in self.sources)
+            weight = hugepages.empty((rows, self.in_features), self.sources[0].dtype)
+            torch.cat([source.detach() for source in self.sources], out=weight)
+            if len(self.sources) == 1 and isinstance(self.sources[0], nn.Parameter):
+                self.sources[0].data = weight
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if self.packed is None:
-            with _PACKING:  # two streams may reach a fresh model at once
-                if self.packed is None:
-                    weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]
-                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-                    self.sources = []  # a tied embedding keeps its own reference
+        self.prepare()
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.weight is None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        elif flat.shape[0] <= KERNEL_ROWS:
+            flat = flat.contiguous()
+            out = self.threads.run(lambda parallel: torch.ops.vlm_kernels.dense_linear(flat, self.weight, self.bias,
+                                                                                   parallel))
+        else:
+            out = F.linear(flat, self.weight, self.bias)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if len(self.sizes) == 1 else out.split(self.sizes, dim=-1)
 
+    def as_linear(self) -> nn.Linear:
+        """The unpacked linears as one nn.Linear (concatenated outputs), e.g. to quantize them together."""
+        if not self.sources:
+            raise ValueError("as_linear() needs the weights before their first use")
+        weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]
+        linear = nn.Linear(self.in_features, weight.shape[0], bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
 
-def pack_linears(model: nn.Module) -> None:
-    """Pack `model`'s linears where dtype and device allow; modules with `fuse_projections` fuse theirs first."""
+
+class SplitOutputs(nn.Module):
+    """Runs `inner` and splits its output into `sizes` (what a fused PackedLinear returns), e.g. quantized q/k/v."""
+
+    def __init__(self, inner: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.inner, self.sizes = inner, sizes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inner(x).split(self.sizes, dim=-1)
+
+
+def fuse_linears(model: nn.Module) -> None:
+    """Let modules with `fuse_projections` fuse theirs (q/k/v, gate/up) where dtype and device allow."""
     for module in list(model.modules()):
         if hasattr(module, "fuse_projections"):
             module.fuse_projections()
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Pack `model`'s remaining plain linears where dtype and device allow (after `fuse_linears`)."""
     targets = [name for name, module in model.named_modules() if packable(module)]
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")

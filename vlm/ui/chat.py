@@ -19,7 +19,7 @@ import gradio as gr
 from ..admission import fit_frame_rate
 from ..boxes import relative_frame, strip_markup
 from ..cost import PrefillRate, estimate, fit
-from ..errors import InputError, VLMError
+from ..errors import VLMError
 from ..families import FAMILIES
 from ..pipeline import MEDIA_OPTIONS
 from ..session import SessionManager, Snapshot, format_bytes
