@@ -336,14 +336,16 @@ def test_a_legacy_llama_tokenizer_file_reads_as_transformers_5_builds_it(legacy,
 
 def test_int8_quantizes_the_decoder_its_cross_attention_and_head_not_the_towers(checkpoint, media_dir):
     from vlm.quantize import Int8Linear
+    from vlm.quantize_vnni import Int8VnniLinear
 
+    int8 = (Int8Linear, Int8VnniLinear)  # PyTorch's kernel, or this project's where the VNNI kernels build
     pipe = vlm.load(checkpoint, dtype="bfloat16", quantization="int8")
     kinds = {name: type(module) for name, module in pipe.model.named_modules()}
-    for name in ("model.layers.0.self_attn.q_proj", "model.gated_cross_attn_layers.0.cross_attn.k_proj",
-                 "model.gated_cross_attn_layers.0.mlp.down_proj", "lm_head.base", "lm_head.additional_fc"):
-        assert kinds[name] is Int8Linear, name
-    assert Int8Linear not in {kind for name, kind in kinds.items() if name.startswith(("model.vision_model",
-                                                                                      "model.perceiver"))}
+    for name in ("model.layers.0.self_attn.qkv_proj.inner", "model.gated_cross_attn_layers.0.cross_attn.k_proj",
+                 "model.gated_cross_attn_layers.0.mlp.down_proj", "lm_head.fused"):  # q/k/v and the heads fused
+        assert kinds[name] in int8, name
+    assert not set(int8) & {kind for name, kind in kinds.items() if name.startswith(("model.vision_model",
+                                                                                     "model.perceiver"))}
     out = pipe.generate([{"role": "user", "content": [_img(f"{media_dir}/coco.jpg"), _text("Describe.")]}],
                         max_new_tokens=STEPS, do_sample=False)[0]
     assert out.finish_reason in ("stop", "length") and out.token_ids
