@@ -12,7 +12,7 @@ from vlm import kernels
 from vlm.layers import decoder, fused_decode
 from vlm.layers.attention import CacheSpec, Rows, SelfAttention
 from vlm.layers.decoder import DecoderConfig, DecoderLayer
-from vlm.layers.linear import KERNEL_ROWS, PackedLinear, SplitOutputs, fuse_linears, pack_linears
+from vlm.layers.linear import PackedLinear, SplitOutputs, fuse_linears, pack_linears
 from vlm.layers.rotary import Rotary
 from vlm.quantize import METHODS
 
@@ -107,6 +107,43 @@ def test_decode_step_matches_the_eager_layer(monkeypatch, dtype, quantization, b
     assert _rel(_filled(fused_cache), _filled(eager_cache)) < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_step_of_decodes_and_prompt_chunks_matches_the_eager_layer(monkeypatch, dtype, quantization):
+    """As the engine mixes them: two requests decode while a third's prompt is read 3 rows a step."""
+    if dtype == torch.bfloat16 and not kernels.bf16_supported():
+        pytest.skip("no AVX512-BF16 here")
+    layer = _layer(dtype, quantization)
+
+    def run():
+        rotary = Rotary(CFG.head_dim, 10000.0)
+        spec = CacheSpec(1, CFG.num_kv_heads, CFG.head_dim, dtype, torch.device("cpu"))
+        generator = torch.Generator().manual_seed(2)
+        caches, outs = [spec.new(16) for _ in range(3)], []
+        with torch.inference_mode():
+            for cache, length in zip(caches[:2], (5, 2)):
+                x = torch.randn(1, length, CFG.hidden_size, generator=generator).to(dtype)
+                _step(layer, rotary, x, torch.arange(length)[None], [cache], [length], dtype)
+            for _ in range(3):
+                x = torch.randn(1, 5, CFG.hidden_size, generator=generator).to(dtype)
+                positions = torch.cat([torch.tensor([caches[0].length, caches[1].length]),
+                                       torch.arange(caches[2].length, caches[2].length + 3)])[None]
+                outs.append(_step(layer, rotary, x, positions, caches, [1, 1, 3], dtype))
+        return torch.cat(outs, 1), caches
+
+    through_kernel = []
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder, "decode_step",
+                      lambda *args: through_kernel.append(fused_decode.decode_step(*args)) or through_kernel[-1])
+        fused, fused_caches = run()
+    assert len(through_kernel) == 5 and all(out is not None for out in through_kernel)  # 2 prompts, 3 mixed steps
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder, "decode_step", lambda *args: None)
+        eager, eager_caches = run()
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2
+    assert _rel(fused, eager) < tolerance and _rel(_filled(fused_caches), _filled(eager_caches)) < tolerance
+
+
 @pytest.mark.parametrize("prefix", [7, 2800])  # 2800: attention too is split (heads x rows x keys > 2^15)
 def test_threads_split_the_work_without_changing_results(monkeypatch, prefix):
     layer = _layer(torch.float32)
@@ -136,7 +173,9 @@ def test_layers_the_kernel_does_not_cover_run_eagerly():
     assert fused_decode.decode_step(layer, x, cos, sin, Rows([cache], [1])) is None  # autograd on
     with torch.inference_mode():
         two = x.expand(1, 2, -1), cos.expand(1, 2, -1), sin.expand(1, 2, -1)
-        assert fused_decode.decode_step(layer, *two, Rows([cache], [2])) is None  # a request's two new rows
+        assert fused_decode.decode_step(layer, *two, Rows([cache], [2])) is not None  # a request's two new rows
+        many = (t.expand(1, fused_decode.DENSE_ROWS + 1, -1) for t in (x, cos, sin))
+        assert fused_decode.decode_step(layer, *many, Rows([cache], [fused_decode.DENSE_ROWS + 1])) is None
         assert fused_decode.decode_step(layer, *two, Rows([cache, spec.new(8)], [1, 1])) is not None
         assert fused_decode.decode_step(layer, x, cos, sin, Rows([cache], [1])) is not None
         assert fused_decode.compiled_layer(layer, torch.bfloat16) is None  # float32 weights, bfloat16 inputs
@@ -148,9 +187,9 @@ def test_layers_the_kernel_does_not_cover_run_eagerly():
 
 @pytest.mark.parametrize("quantization, fused", [(None, False), ("int8", True)])
 def test_dense_layers_leave_more_rows_than_their_kernel_takes_to_oneDNN(quantization, fused):
-    """Dense weights: up to KERNEL_ROWS rows (beyond, oneDNN's matmul is faster); quantized ones: up to
+    """Dense weights: up to DENSE_ROWS rows (beyond, oneDNN's matmuls win); quantized ones: up to
     quantize_vnni.KERNEL_ROWS."""
-    rows = KERNEL_ROWS + 1
+    rows = fused_decode.DENSE_ROWS + 1
     layer = _layer(torch.float32, quantization)
     spec = CacheSpec(1, CFG.num_kv_heads, CFG.head_dim, torch.float32, torch.device("cpu"))
     x = torch.randn(1, rows, CFG.hidden_size)

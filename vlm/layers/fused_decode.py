@@ -1,4 +1,4 @@
-"""A decoder layer's decode step (one new token per row) as one compiled call (`vlm/kernels/decode_layer.cpp`).
+"""A decoder layer's step over a few rows (decoding tokens, short prompt chunks) as one compiled call (`vlm/kernels/decode_layer.cpp`).
 
 Eagerly, a decode step issues some 60 small PyTorch ops per layer (norms, rotary, cache writes, softmax,
 masks); at batch 1 on a CPU they cost as much time as reading the weights. The kernel does the whole layer
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .attention import Rows, SelfAttention
-from .linear import KERNEL_ROWS, PackedLinear, SplitOutputs, kernels_take
+from .linear import PackedLinear, SplitOutputs, kernels_take
 from .mlp import GatedMLP
 from .norms import RMSNorm
 from ..kernels.threads import ThreadChoice
@@ -27,6 +27,10 @@ from ..quantize_vnni import KERNEL_ROWS as QUANTIZED_ROWS
 from ..quantize_vnni import Int4VnniLinear, Int8VnniLinear
 
 DENSE, INT8, INT4 = 0, 1, 2  # the kernel's weight formats (vlm/kernels/matvec.h)
+# Most rows a dense layer's kernel call takes: the dense kernel reads the weight again for every 4 rows, so
+# beyond some rows oneDNN's matmuls (AMX) plus the eager ops win. A whole step of llava_onevision_0.5b (bf16,
+# kernel vs eager): 8 rows 93 vs 158 ms, 32 rows 262 vs 319; of qwen2_vl_2b: 8 rows 255 vs 284, 16 rows 412 vs 337.
+DENSE_ROWS = 8
 @dataclass
 class Compiled:
     """A layer's kernel, the most rows it takes, and how it is threaded."""
@@ -41,22 +45,25 @@ _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (
 
 def decode_step(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 rows: Rows) -> torch.Tensor | None:
-    """The layer's output for x (1, N, D) of a step where each of N requests decodes one token, through the
-    kernel (each request's k and v written to its own cache), or None where the kernel does not apply."""
+    """The layer's output for the N rows x (1, N, D) of a step through the kernel (each row's k and v written to
+    its request's cache), or None where the kernel does not apply. A request's rows are consecutive positions
+    of its cache (one when it decodes, a chunk of its prompt otherwise): the kernel writes every row's keys
+    before any row attends, so each row sees its request's keys up to itself."""
     count = x.shape[1]
-    if (x.device.type != "cpu" or torch.is_grad_enabled() or any(n != 1 for n in rows.counts)
-            or len(rows.counts) != count):
+    if x.device.type != "cpu" or torch.is_grad_enabled():
         return None
     compiled = compiled_layer(layer, x.dtype)
     if compiled is None or count > compiled.max_rows or rows.caches[0].data.dtype != x.dtype:
         return None
     index = layer.self_attn.layer
-    keys = [cache.data[0, index] for cache in rows.caches]
-    values = [cache.data[1, index] for cache in rows.caches]
-    positions = [cache.length for cache in rows.caches]
+    keys, values, positions = [], [], []
+    for cache, n in zip(rows.caches, rows.counts):
+        keys += [cache.data[0, index]] * n
+        values += [cache.data[1, index]] * n
+        positions += range(cache.length, cache.length + n)
     x, cos, sin = (t.reshape(count, 1, t.shape[-1]).contiguous() for t in (x, cos, sin))
     out = compiled.threads.run(lambda parallel: compiled.kernel.forward(x, cos, sin, keys, values, positions, None,
-                                                                     parallel))
+                                                                       parallel))
     return out.view(1, count, -1)
 
 
@@ -93,7 +100,7 @@ def _build(layer: nn.Module, dtype: torch.dtype) -> Compiled | None:
                                                    input_norm.eps, attention.heads, attention.kv_heads,
                                                    attention.head_dim, *linears)
     quantized = any(isinstance(_unsplit(module), (Int8VnniLinear, Int4VnniLinear)) for module in projections)
-    return Compiled(kernel, QUANTIZED_ROWS if quantized else KERNEL_ROWS)
+    return Compiled(kernel, QUANTIZED_ROWS if quantized else DENSE_ROWS)
 
 
 def _linear(module: nn.Module | None, dtype: torch.dtype):
