@@ -172,7 +172,7 @@ def concurrency_markdown(report: dict) -> str:
         return ""
     lines = ["", "Concurrent streams (each forced to 128 tokens, arriving 0.5 s apart; 'one at a time': each waits "
              "for the one before, as with one generation per family):", "",
-             "| model | ask | streams | aggregate decode tok/s | vs 1 stream | per-stream tok/s | "
+             "| model | ask | streams | aggregate decode tok/s (streams decoding at once) | vs 1 stream | per-stream tok/s | "
              "TTFT p50 / p95 (s) | one at a time: tok/s, TTFT p50 / p95 (s) |", "|---|---|---|---|---|---|---|---|"]
     targets = []
     for row in rows:
@@ -183,7 +183,7 @@ def concurrency_markdown(report: dict) -> str:
             kind, n, _ = key.split("/")
             solo, serial = results.get(f"{kind}/1/engine"), results[f"{kind}/{n}/one_at_a_time"]
             ratio = f"{engine['aggregate_tok_s'] / solo['aggregate_tok_s']:.2f}x" if solo else "-"
-            lines.append(f"| {row['model']} | {kind} | {n} | {engine['aggregate_tok_s']:.1f} | {ratio} | "
+            lines.append(f"| {row['model']} | {kind} | {n} | {engine['aggregate_tok_s']:.1f} ({engine['together']} at once) | {ratio} | "
                          f"{engine['per_stream_tok_s']:.1f} | {engine['ttft_p50_s']:.2f} / {engine['ttft_p95_s']:.2f} | "
                          f"{serial['aggregate_tok_s']:.1f}, {serial['ttft_p50_s']:.2f} / {serial['ttft_p95_s']:.2f} |")
         prefill = results["prefill_interference"]

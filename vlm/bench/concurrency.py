@@ -83,17 +83,34 @@ def rate(streams: list[Stream], begin: float, end: float) -> float:
 
 
 def summary(streams: list[Stream]) -> dict[str, float]:
-    """Aggregate decode rate while every stream decodes (or, when they never overlap, the decode rate over
-    all tokens), per-stream rate, and TTFT from each arrival."""
+    """Aggregate decode rate while the most streams decode at once (`together`: how many; when fewer than
+    all overlap, the later ones' prompts were still waiting when the first answers ended), per-stream rate,
+    and TTFT from each arrival."""
     ttfts = sorted(st.first - st.arrived for st in streams)
-    together = max(st.first for st in streams), min(st.end for st in streams)
-    if together[1] - together[0] > 0.5:
-        aggregate = rate(streams, *together)
+    together, windows = _most_together(streams)
+    if together > 1:
+        tokens = sum(sum(st.tokens_at(end) - st.tokens_at(begin) for st in streams) for begin, end in windows)
+        aggregate = tokens / sum(end - begin for begin, end in windows)
     else:  # one at a time: the tokens after each first one, over the time spent decoding
         aggregate = sum(s.NEW_TOKENS - 1 for _ in streams) / sum(st.end - st.first for st in streams)
     per_stream = statistics.mean((st.times[-1][1] - 1) / (st.end - st.first) for st in streams)
-    return {"aggregate_tok_s": aggregate, "per_stream_tok_s": per_stream, "ttft_p50_s": _quantile(ttfts, 0.5),
-            "ttft_p95_s": _quantile(ttfts, 0.95)}
+    return {"aggregate_tok_s": aggregate, "together": together, "per_stream_tok_s": per_stream,
+            "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p95_s": _quantile(ttfts, 0.95)}
+
+
+def _most_together(streams: list[Stream], least_seconds: float = 0.5) -> tuple[int, list[tuple[float, float]]]:
+    """The most streams decoding at once for at least `least_seconds` in all, and the time windows they do."""
+    events = sorted([(st.first, 1) for st in streams] + [(st.end, -1) for st in streams])
+    spans: dict[int, list[tuple[float, float]]] = {}
+    count = 0
+    for (moment, change), (following, _) in zip(events, events[1:]):
+        count += change
+        if following > moment:
+            spans.setdefault(count, []).append((moment, following))
+    for count in sorted(spans, reverse=True):
+        if sum(end - begin for begin, end in spans[count]) >= least_seconds:
+            return count, spans[count]
+    return 1, []
 
 
 def prefill_interference(pipe, image: str) -> dict[str, float]:

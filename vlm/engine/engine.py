@@ -282,7 +282,7 @@ class Engine:
 
     def _plan(self) -> _Step:
         decodes = [s for s in self._running if s.pending is not None]
-        budget = self.pace.prompt_rows(decoding=bool(decodes))
+        budget = self.pace.prompt_rows(decoding=len(decodes))
         prompts = []
         for sequence in self._running:
             rows = min(sequence.prompt_length - sequence.done, budget)
