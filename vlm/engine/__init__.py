@@ -6,8 +6,9 @@
   the running steps, `turns.Turns`); a scheduler thread does the rest and ends when idle.
 - Each step admits waiting requests in order while the batch (`max_batch`) and the KV memory budget
   (bytes, running caches plus those kept for reuse) have room; a request that does not fit waits,
-  told its place in the queue. Then one forward runs one row for every decoding request and a chunk of
-  prompt rows (chunked prefill, sized by `pace.Pace` so decoding keeps its pace), with each request's own
+  told its place in the queue. Then one forward runs one row for every decoding request and, once the
+  decode steps have earned it, a chunk of a waiting prompt (chunked prefill, paced by `pace.Pace` so
+  running answers keep 1 / (1 + prefill_ratio) of their pace while prompts are read), with each request's own
   positions (M-RoPE included). The model's linears run once over all rows; attention runs per request
   over its own KV cache (`layers.attention.Rows`: ragged, nothing padded to the longest).
 - A finished request's cache goes to the prefix pool; a follow-up turn sharing its beginning (same

@@ -153,7 +153,7 @@ class Engine:
     """
 
     def __init__(self, model: ChatModel, kv_budget_bytes: int | None = None, max_batch: int | None = None,
-                 chunk_tokens: int | None = None, prefill_ratio: float = 0.75):
+                 chunk_tokens: int | None = None, prefill_ratio: float = 0.6):
         self.model = model
         self.spec = model.cache_spec()
         self.kv_budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget(self.spec.device)
@@ -282,7 +282,8 @@ class Engine:
 
     def _plan(self) -> _Step:
         decodes = [s for s in self._running if s.pending is not None]
-        budget = self.pace.prompt_rows(decoding=len(decodes))
+        pending = sum(s.prompt_length - s.done for s in self._running if s.pending is None)
+        budget = self.pace.prompt_rows(len(decodes), pending) if pending else 0
         prompts = []
         for sequence in self._running:
             rows = min(sequence.prompt_length - sequence.done, budget)
