@@ -96,7 +96,8 @@ def pick_family(page, family: str) -> None:
 def test_video_frames_given_are_used_and_every_rate_fits_the_cap(page, clips):
     set_number(page, "max-new-tokens", 3, accordion="Sampling")
     page.get_by_text("Images and video", exact=True).click()
-    assert page.locator("#fps").is_visible() and not page.locator("#num-frames").is_visible()
+    page.wait_for_selector("#fps")  # the accordion opens
+    assert not page.locator("#num-frames").is_visible()
     page.locator("#video-sampling label", has_text="number of frames").click()  # one control decides
     page.wait_for_selector("#num-frames")
     assert not page.locator("#fps").is_visible()
