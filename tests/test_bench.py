@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"load_s", "load_peak_rss", "ttft_image_s", "decode_tok_s", "ttft_turn2_s", "video16_ttft_s"}
 
@@ -35,3 +37,24 @@ def test_bench_measures_both_sides_and_writes_the_table(tmp_path):
                if k != "prefill_interference")
     assert concurrency["prefill_interference"]["stream_tok_s_during_image_prefill"] > 0
     assert "| qwen2_vl_tiny | text | 2 |" in table and "keep" in table
+
+
+def test_decode_bytes_count_the_weights_the_kernels_read(tmp_path):
+    """Plain weights kept for the kernels are not parameters; the roofline must still count them: every
+    language-model tensor of the checkpoint but the embedding table (which a tied head is), in bf16."""
+    import math
+
+    from safetensors import safe_open
+
+    import vlm
+    import vlm.tiny
+    from vlm.bench.worker import decode_weight_bytes
+
+    directory = vlm.tiny.write("qwen2_vl", tmp_path)
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        sizes = {name: math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    tied = not any("lm_head" in name for name in sizes)
+    expected = sum(n for name, n in sizes.items() if "visual" not in name and ("embed_tokens" not in name or tied))
+    pipe = vlm.load(directory, dtype="bfloat16")
+    pipe.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # linears prepared on first use
+    assert decode_weight_bytes(pipe.model) == 2 * expected

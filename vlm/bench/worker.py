@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..layers.linear import PackedLinear
 from ..model import run_prompt
 from . import scenarios as s
 
@@ -84,6 +85,8 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
         if not name.startswith(model.language_modules) or isinstance(module, torch.nn.Embedding):
             continue
         tensors = [*module._parameters.values(), *module._buffers.values(), getattr(module, "packed", None)]
+        if isinstance(module, PackedLinear):  # its plain weight where the kernels read it (not a parameter)
+            tensors.append(module.weight)
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
 
