@@ -1,7 +1,7 @@
 """Concurrent streams on one model (run in its own process by `python -m vlm.bench`).
 
 For 1, 2, 4, 8 streams (text questions, or one image each, every stream its own image), arriving one
-after another, each forced to NEW_TOKENS tokens: aggregate decode tokens/s while all of them decode,
+after another, each forced to NEW_TOKENS tokens: aggregate decode tokens/s while the most of them decode at once,
 per-stream tokens/s, and time to first token p50/p95 from each stream's arrival. Then the rate of two
 running streams while a third request's image is prefilled, against their rate just before. The same
 load also runs through the one-request-at-a-time path (each stream waits for the one before to end, as
@@ -34,7 +34,9 @@ class TokenizerIdsOnly:
         self.size = size
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        return logits.index_fill(-1, torch.arange(self.size, logits.shape[-1], device=logits.device), float("-inf"))
+        logits = logits.clone()
+        logits[..., self.size:] = float("-inf")
+        return logits
 
 
 class Stream:
@@ -89,7 +91,7 @@ def summary(streams: list[Stream]) -> dict[str, float]:
     ttfts = sorted(st.first - st.arrived for st in streams)
     together, windows = _most_together(streams)
     if together > 1:
-        tokens = sum(sum(st.tokens_at(end) - st.tokens_at(begin) for st in streams) for begin, end in windows)
+        tokens = sum(rate(streams, begin, end) * (end - begin) for begin, end in windows)
         aggregate = tokens / sum(end - begin for begin, end in windows)
     else:  # one at a time: the tokens after each first one, over the time spent decoding
         aggregate = sum(s.NEW_TOKENS - 1 for _ in streams) / sum(st.end - st.first for st in streams)

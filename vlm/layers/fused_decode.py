@@ -1,4 +1,5 @@
-"""A decoder layer's step over a few rows (decoding tokens, short prompt chunks) as one compiled call (`vlm/kernels/decode_layer.cpp`).
+"""A decoder layer's step over a few rows (decoding tokens, short prompt chunks) as one compiled call
+(`vlm/kernels/decode_layer.cpp`).
 
 Eagerly, a decode step issues some 60 small PyTorch ops per layer (norms, rotary, cache writes, softmax,
 masks); at batch 1 on a CPU they cost as much time as reading the weights. The kernel does the whole layer
