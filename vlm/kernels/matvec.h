@@ -185,6 +185,30 @@ void quantized_groups(const uint8_t* w, const at::Half* s, const Activations& a,
   }
 }
 
+// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)] (13 instructions where four
+// _mm512_reduce_add_ps take 32: at 896 inputs a row's dot product is only 28 multiply-adds).
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a, b, a, b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a, b, c, d
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// y[t * ldy + r] = the sum of acc[r][t]'s lanes.
+template <int R, int T>
+inline void store_sums(__m512 (&acc)[R][T], float* y, int64_t ldy) {
+  VLM_UNROLL for (int t = 0; t < T; ++t) {
+    if constexpr (R == 4) {
+      _mm_storeu_ps(y + t * ldy, sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+    } else {
+      VLM_UNROLL for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+    }
+  }
+}
+
 // Dense rows [r0, r0 + R) against activation rows [m0, m0 + T): y[t][r] = dot(w[r], x[t]).
 template <int R, int T>
 __attribute__((target("avx512bf16"))) void bf16_tile(const uint16_t* w, const uint16_t* x, int64_t k, float* y,
@@ -202,8 +226,7 @@ __attribute__((target("avx512bf16"))) void bf16_tile(const uint16_t* w, const ui
       VLM_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
     }
   }
-  VLM_UNROLL for (int r = 0; r < R; ++r)
-    VLM_UNROLL for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+  store_sums<R, T>(acc, y, ldy);
 }
 
 template <int R, int T>
@@ -221,8 +244,7 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t ldy) 
       VLM_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
     }
   }
-  VLM_UNROLL for (int r = 0; r < R; ++r)
-    VLM_UNROLL for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
+  store_sums<R, T>(acc, y, ldy);
 }
 
 // Rows [n0, n1) of a dense weight against every activation row: 4 rows x up to 4 activation rows per tile.
