@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, MissingTensorError, UnexpectedTensorError
-from .layers.linear import PackedLinear, packing_supported
+from .layers.linear import PackedLinear, supported
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -217,7 +217,7 @@ def _faster_cpu_dtype() -> torch.dtype:
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         linear = nn.Linear(2048, 2048, bias=False, dtype=dtype).requires_grad_(False)
-        layer = PackedLinear(linear) if packing_supported(dtype, torch.device("cpu")) else linear
+        layer = PackedLinear(linear) if supported(dtype, torch.device("cpu")) else linear
         x = torch.randn(1, 2048, dtype=dtype)
         with torch.inference_mode():
             layer(x)

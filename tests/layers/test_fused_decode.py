@@ -97,7 +97,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_decode_step_matches_the_eager_layer(monkeypatch, dtype, quantization, batch):
     """float32: to float32 rounding (measured ~1e-7); bfloat16: to its rounding (measured 3e-3 to 5e-3)."""
     if dtype == torch.bfloat16 and not kernels.bf16_supported():
-        pytest.skip("no AVX512-BF16 here")
+        pytest.skip("the kernels take no bfloat16 weights here")
     layer = _layer(dtype, quantization)
     fused, fused_cache = _decode(layer, dtype, batch, prefix=7)
     assert fused_decode.compiled_layer(layer, dtype) is not None
@@ -112,7 +112,7 @@ def test_decode_step_matches_the_eager_layer(monkeypatch, dtype, quantization, b
 def test_a_step_of_decodes_and_prompt_chunks_matches_the_eager_layer(monkeypatch, dtype, quantization):
     """As the engine mixes them: two requests decode while a third's prompt is read 3 rows a step."""
     if dtype == torch.bfloat16 and not kernels.bf16_supported():
-        pytest.skip("no AVX512-BF16 here")
+        pytest.skip("the kernels take no bfloat16 weights here")
     layer = _layer(dtype, quantization)
 
     def run():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from vlm.layers.linear import KERNEL_ROWS, PackedLinear, fuse_linears, kernels_take, pack_linears, packing_supported
+from vlm.layers.linear import (KERNEL_ROWS, PackedLinear, fuse_linears, kernels_take, pack_linears, packing_supported,
+                               supported)
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.device("cpu")),
                                 reason="this torch build has no oneDNN")
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.devic
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS, KERNEL_ROWS + 1, 257])  # the kernels up to KERNEL_ROWS
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_matches_linear(dtype, rows, bias):
-    if not packing_supported(dtype, torch.device("cpu")):
-        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    if not supported(dtype, torch.device("cpu")):
+        pytest.skip(f"neither oneDNN nor the kernels take {dtype} here")
     torch.manual_seed(0)
     linear = nn.Linear(96, 200, bias=bias).to(dtype)
     x = torch.randn(1, rows, 96, dtype=dtype)

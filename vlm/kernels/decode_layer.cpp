@@ -32,44 +32,40 @@ struct Linear : torch::CustomClassHolder {
 };
 
 template <typename T>
-inline __m512 load16(const T* p, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(mask, p);
-  } else {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-}
-
-inline __mmask16 tail(int64_t left) { return left >= 16 ? ~__mmask16(0) : (__mmask16(1) << left) - 1; }
-
-template <typename T>
-float dot(const float* q, const T* k, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = tail(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + i), load16(k + i, mask), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-template <typename T>
-void add_scaled(float p, const T* v, float* out, int64_t n) {
-  const __m512 scale = _mm512_set1_ps(p);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = tail(n - i);
-    const __m512 sum = _mm512_fmadd_ps(load16(v + i, mask), scale, _mm512_maskz_loadu_ps(mask, out + i));
-    _mm512_mask_storeu_ps(out + i, mask, sum);
-  }
-}
-
-template <typename T>
 inline float value(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) {
     return p[i];
   } else {
     return vlm::bf16_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
   }
+}
+
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+template <typename T>
+float dot(const float* q, const T* k, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  float sum = vlm::sum8(acc);
+  for (; i < n; ++i) sum += q[i] * value(k, i);
+  return sum;
+}
+
+template <typename T>
+void add_scaled(float p, const T* v, float* out, int64_t n) {
+  const __m256 scale = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(load8(v + i), scale, _mm256_loadu_ps(out + i)));
+  for (; i < n; ++i) out[i] += p * value(v, i);
 }
 
 template <typename T>

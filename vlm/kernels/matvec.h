@@ -1,16 +1,23 @@
 // Matrix products for a few activation rows (decoding), shared by the linear ops and the decode layer.
 //
 // A `Weights` is one linear's matrix in one of three formats:
-//   dense: the row-major (N, K) float32 or bfloat16 weight as PyTorch holds it (bfloat16 rows are multiplied
-//          with `vdpbf16ps`, float32 rows with FMA; each row is one dot product, four rows at a time);
-//   int8 / int4: 16 output rows interleaved, int8-quantized activations multiplied with `vpdpbusd`:
+//   dense: the row-major (N, K) float32 or bfloat16 weight as PyTorch holds it (each row is one dot product,
+//          four rows at a time);
+//   int8 / int4: 16 output rows interleaved, multiplied by int8-quantized activations:
 //     int8: codes + 128 (unsigned), layout [N/16][K/4][16][4]; scale per (row, 32 inputs), float16
-//           [N/16][K/32][16]. Each block's sum is corrected by 128 * (sum of the activation block's codes).
+//           [N/16][K/32][16].
 //     int4: codes 0..15 with w = scale * code + min, layout [N/16][K/8][16][4]: byte t of a row holds input
 //           8j + t (low nibble) and 8j + 4 + t (high nibble); scale and min per (row, 32 inputs), float16
 //           [N/16][K/32][2][16].
 // Activations are quantized to int8 with one scale per 32 inputs (llama.cpp's Q8_0). `multiply` computes a
 // range of 16-row groups, so callers split the groups over threads.
+//
+// The library is built for one instruction set, chosen per machine by vlm/kernels/__init__.py:
+//   AVX512 (with VNNI): integer dot products with `vpdpbusd` (int8 codes stay unsigned, each block's sum is
+//     corrected by 128 * the sum of the activation block's codes), bfloat16 rows with `vdpbf16ps` (AVX512-BF16);
+//   AVX2 (with FMA and F16C): integer dot products with `vpmaddubsw`, 8 rows per vector (int8 codes made signed,
+//     their magnitudes times the signed activations), bfloat16 rows widened to float32 and multiplied with FMA.
+// Elementwise helpers (dequantizing, attention's dot products) use AVX2, which both have.
 
 #pragma once
 
@@ -31,7 +38,6 @@ namespace vlm {
 
 constexpr int64_t kBlock = 32;  // inputs per scale
 constexpr int64_t kRows = 16;   // output rows per group (interleaved in the quantized formats)
-constexpr int64_t kTile = 8;    // activation rows computed together by the quantized kernel
 // Bytes prefetched ahead of each weight stream (hardware prefetchers stop at 4 KiB page boundaries): one core
 // read 12.4 -> 14.3 GB/s (int8) and 13.2 -> 14.5 GB/s (bf16) with it, of 16.1 for plain loads.
 constexpr int64_t kAhead = 2048;
@@ -100,15 +106,27 @@ void quantize_rows(const T* x, int64_t m, int64_t k, Activations& a) {
   }
 }
 
+// The sum of a vector's lanes.
+inline float sum8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+#if defined(__AVX512F__)
+
+constexpr int64_t kTile = 8;       // activation rows computed together by the quantized kernel
+constexpr int kDenseColumns = 4;  // activation rows per dense tile
+
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
 
-// One group of 16 quantized rows against activation rows [m0, m0 + T); acc[t] gets row sums.
+// One group of 16 quantized rows against activation rows [m0, m0 + T): out[t * 16 + r] = row r's sum.
 template <bool kInt4, int T>
-void group_kernel(const uint8_t* weights, const at::Half* scales, const Activations& a, int64_t m0, __m512* out) {
+void group_kernel(const uint8_t* weights, const at::Half* scales, const Activations& a, int64_t m0, float* out) {
   const int64_t k = a.k, blocks = k / kBlock;
   const __m512i low_mask = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
@@ -145,44 +163,7 @@ void group_kernel(const uint8_t* weights, const at::Half* scales, const Activati
       if (kInt4) acc[t] = _mm512_fmadd_ps(row_mins, _mm512_set1_ps(a.sums[row * blocks + b]), acc[t]);
     }
   }
-  VLM_UNROLL for (int t = 0; t < T; ++t) out[t] = acc[t];
-}
-
-// Calls f(std::integral_constant<int, t>) for t = n (1 <= n <= 8): the tile size as a compile-time constant.
-template <typename F>
-void with_tile(int64_t n, const F& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
-  }
-}
-
-template <bool kInt4>
-void quantized_groups(const uint8_t* w, const at::Half* s, const Activations& a, int64_t g0, int64_t g1,
-                      int64_t n, float* y, int64_t ldy) {
-  const int64_t k = a.k, group_bytes = kRows * k / (kInt4 ? 2 : 1);
-  const int64_t group_scales = kRows * (k / kBlock) * (kInt4 ? 2 : 1);
-  __m512 acc[kTile];
-  float lanes[kRows];
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t rows = std::min(kRows, n - g * kRows);
-    for (int64_t m0 = 0; m0 < a.m; m0 += kTile) {
-      const int64_t tile = std::min(kTile, a.m - m0);
-      with_tile(tile, [&](auto t) {
-        group_kernel<kInt4, decltype(t)::value>(w + g * group_bytes, s + g * group_scales, a, m0, acc);
-      });
-      for (int64_t t = 0; t < tile; ++t) {
-        _mm512_storeu_ps(lanes, acc[t]);
-        std::memcpy(y + (m0 + t) * ldy + g * kRows, lanes, rows * sizeof(float));
-      }
-    }
-  }
+  VLM_UNROLL for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + t * kRows, acc[t]);
 }
 
 // The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)] (13 instructions where four
@@ -247,7 +228,179 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t ldy) 
   store_sums<R, T>(acc, y, ldy);
 }
 
-// Rows [n0, n1) of a dense weight against every activation row: 4 rows x up to 4 activation rows per tile.
+#else  // AVX2
+
+constexpr int64_t kTile = 4;       // activation rows computed together by the quantized kernel
+constexpr int kDenseColumns = 2;  // activation rows per dense tile (16 vector registers)
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// One group of 16 quantized rows (two vectors of 8) against activation rows [m0, m0 + T): out[t * 16 + r] =
+// row r's sum. A block's products are summed in 16 bits where they cannot overflow (int4: 8 x 2 x 15 x 127).
+template <bool kInt4, int T>
+void group_kernel(const uint8_t* weights, const at::Half* scales, const Activations& a, int64_t m0, float* out) {
+  const int64_t k = a.k, blocks = k / kBlock;
+  const __m256i low_mask = _mm256_set1_epi8(0x0F), sign_bit = _mm256_set1_epi8(-128), ones = _mm256_set1_epi16(1);
+  __m256 acc[T][2];
+  VLM_UNROLL for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = weights + b * kBlock * kRows / (kInt4 ? 2 : 1);
+    VLM_UNROLL for (int j = 0; j < (kInt4 ? 4 : 8); ++j) prefetch(block + 64 * j);
+    const int8_t* x[T];
+    VLM_UNROLL for (int t = 0; t < T; ++t) x[t] = a.codes.data() + (m0 + t) * k + b * kBlock;
+    __m256i sums[T][2];
+    VLM_UNROLL for (int t = 0; t < T; ++t) sums[t][0] = sums[t][1] = _mm256_setzero_si256();
+    VLM_UNROLL for (int j = 0; j < (kInt4 ? 4 : 8); ++j) {
+      VLM_UNROLL for (int h = 0; h < 2; ++h) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * j + 32 * h));
+        if (kInt4) {
+          const __m256i low = _mm256_and_si256(packed, low_mask);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+          VLM_UNROLL for (int t = 0; t < T; ++t) {
+            const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(low, broadcast4(x[t] + 8 * j)),
+                                                  _mm256_maddubs_epi16(high, broadcast4(x[t] + 8 * j + 4)));
+            sums[t][h] = _mm256_add_epi16(sums[t][h], pair);
+          }
+        } else {
+          const __m256i code = _mm256_xor_si256(packed, sign_bit);  // code - 128, signed
+          const __m256i magnitude = _mm256_abs_epi8(code);
+          VLM_UNROLL for (int t = 0; t < T; ++t) {
+            const __m256i pair = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(x[t] + 4 * j), code));
+            sums[t][h] = _mm256_add_epi32(sums[t][h], _mm256_madd_epi16(pair, ones));
+          }
+        }
+      }
+    }
+    const at::Half* s = scales + b * kRows * (kInt4 ? 2 : 1);
+    VLM_UNROLL for (int h = 0; h < 2; ++h) {
+      const __m256 row_scales = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8 * h)));
+      __m256 row_mins;
+      if (kInt4) row_mins = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kRows + 8 * h)));
+      VLM_UNROLL for (int t = 0; t < T; ++t) {
+        const int64_t row = m0 + t;
+        const __m256i dot = kInt4 ? _mm256_madd_epi16(sums[t][h], ones) : sums[t][h];
+        const __m256 scale = _mm256_mul_ps(row_scales, _mm256_set1_ps(a.scales[row * blocks + b]));
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[t][h]);
+        if (kInt4) acc[t][h] = _mm256_fmadd_ps(row_mins, _mm256_set1_ps(a.sums[row * blocks + b]), acc[t][h]);
+      }
+    }
+  }
+  VLM_UNROLL for (int t = 0; t < T; ++t) {
+    _mm256_storeu_ps(out + t * kRows, acc[t][0]);
+    _mm256_storeu_ps(out + t * kRows + 8, acc[t][1]);
+  }
+}
+
+// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128 bits: a, b, c, d
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// y[t * ldy + r] = the sum of acc[r][t]'s lanes.
+template <int R, int T>
+inline void store_sums(__m256 (&acc)[R][T], float* y, int64_t ldy) {
+  VLM_UNROLL for (int t = 0; t < T; ++t) {
+    if constexpr (R == 4) {
+      _mm_storeu_ps(y + t * ldy, sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+    } else {
+      VLM_UNROLL for (int r = 0; r < R; ++r) y[t * ldy + r] = sum8(acc[r][t]);
+    }
+  }
+}
+
+// y[t * ldy + r] += the products of inputs [from, k), one by one (what does not fill a vector).
+template <typename W, int R, int T>
+inline void add_rest(const W* w, const W* x, int64_t from, int64_t k, float* y, int64_t ldy) {
+  for (int64_t i = from; i < k; ++i)
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) y[t * ldy + r] += to_float(w[r * k + i]) * to_float(x[t * k + i]);
+}
+
+// bfloat16 vector -> two float32 vectors by interleaving zeros below each value: inputs 0-3, 8-11 and 4-7,
+// 12-15 (weights and activations are split alike, so the products pair up).
+inline __m256 bf16_low(__m256i v) { return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v)); }
+inline __m256 bf16_high(__m256i v) { return _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v)); }
+
+// Dense rows [r0, r0 + R) against activation rows [m0, m0 + T): y[t][r] = dot(w[r], x[t]).
+template <int R, int T>
+void bf16_tile(const uint16_t* w, const uint16_t* x, int64_t k, float* y, int64_t ldy) {
+  __m256 acc[R][T];
+  VLM_UNROLL for (int r = 0; r < R; ++r)
+    VLM_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t whole = k / 16 * 16;
+  for (int64_t i = 0; i < whole; i += 16) {
+    __m256i wv[R];
+    VLM_UNROLL for (int r = 0; r < R; ++r) prefetch(w + r * k + i);
+    VLM_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k + i));
+    VLM_UNROLL for (int t = 0; t < T; ++t) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * k + i));
+      const __m256 low = bf16_low(xv), high = bf16_high(xv);
+      VLM_UNROLL for (int r = 0; r < R; ++r) {
+        acc[r][t] = _mm256_fmadd_ps(bf16_low(wv[r]), low, acc[r][t]);
+        acc[r][t] = _mm256_fmadd_ps(bf16_high(wv[r]), high, acc[r][t]);
+      }
+    }
+  }
+  store_sums<R, T>(acc, y, ldy);
+  add_rest<uint16_t, R, T>(w, x, whole, k, y, ldy);
+}
+
+template <int R, int T>
+void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t ldy) {
+  __m256 acc[R][T];
+  VLM_UNROLL for (int r = 0; r < R; ++r)
+    VLM_UNROLL for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  const int64_t whole = k / 8 * 8;
+  for (int64_t i = 0; i < whole; i += 8) {
+    __m256 wv[R];
+    VLM_UNROLL for (int r = 0; r < R; ++r) prefetch(w + r * k + i);
+    VLM_UNROLL for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + r * k + i);
+    VLM_UNROLL for (int t = 0; t < T; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x + t * k + i);
+      VLM_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+    }
+  }
+  store_sums<R, T>(acc, y, ldy);
+  add_rest<float, R, T>(w, x, whole, k, y, ldy);
+}
+
+#endif
+
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= kMax: the tile size as a compile-time constant.
+template <int kMax, typename F>
+void with_tile(int64_t n, const F& f) {
+  if constexpr (kMax > 1) {
+    if (n < kMax) return with_tile<kMax - 1>(n, f);
+  }
+  f(std::integral_constant<int, kMax>{});
+}
+
+template <bool kInt4>
+void quantized_groups(const uint8_t* w, const at::Half* s, const Activations& a, int64_t g0, int64_t g1,
+                      int64_t n, float* y, int64_t ldy) {
+  const int64_t k = a.k, group_bytes = kRows * k / (kInt4 ? 2 : 1);
+  const int64_t group_scales = kRows * (k / kBlock) * (kInt4 ? 2 : 1);
+  float lanes[kTile * kRows];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t rows = std::min(kRows, n - g * kRows);
+    for (int64_t m0 = 0; m0 < a.m; m0 += kTile) {
+      const int64_t tile = std::min(kTile, a.m - m0);
+      with_tile<kTile>(tile, [&](auto t) {
+        group_kernel<kInt4, decltype(t)::value>(w + g * group_bytes, s + g * group_scales, a, m0, lanes);
+      });
+      for (int64_t t = 0; t < tile; ++t) std::memcpy(y + (m0 + t) * ldy + g * kRows, lanes + t * kRows, rows * sizeof(float));
+    }
+  }
+}
+
+
+// Rows [n0, n1) of a dense weight against every activation row: 4 rows x up to kDenseColumns activation rows
+// per tile.
 template <typename W>
 void dense_rows(const W* w, const W* x, int64_t m, int64_t k, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int R = 4;
@@ -264,26 +417,22 @@ void dense_rows(const W* w, const W* x, int64_t m, int64_t k, int64_t n0, int64_
   int64_t r = n0;
   for (; r + R <= n1; r += R) {
     int64_t t = 0;
-    for (; t + 4 <= m; t += 4) tile(Four{}, std::integral_constant<int, 4>{}, r, t);
-    switch (m - t) {
-      case 3: tile(Four{}, std::integral_constant<int, 3>{}, r, t); break;
-      case 2: tile(Four{}, std::integral_constant<int, 2>{}, r, t); break;
-      case 1: tile(Four{}, One{}, r, t); break;
-      default: break;
-    }
+    for (; t + kDenseColumns <= m; t += kDenseColumns) tile(Four{}, std::integral_constant<int, kDenseColumns>{}, r, t);
+    if (t < m) with_tile<kDenseColumns>(m - t, [&](auto cols) { tile(Four{}, cols, r, t); });
   }
   for (; r < n1; ++r)
     for (int64_t t = 0; t < m; ++t) tile(One{}, One{}, r, t);
 }
 
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
 
-inline void store16(at::BFloat16* dst, __m512 v) {  // rounded to nearest even, as PyTorch rounds
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+inline void store8(at::BFloat16* dst, __m256 v) {  // rounded to nearest even, as PyTorch rounds
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
 }
 
 // One linear's weights (see the top of this file) and its bias (held in float32).
@@ -333,15 +482,15 @@ struct Weights {
               }
             }
           }
-          const __m512 scale = _mm512_set1_ps(static_cast<float>(s[r]));
-          const __m512 offset = int4 ? _mm512_set1_ps(static_cast<float>(s[kRows + r])) : _mm512_set1_ps(0.f);
+          const __m256 scale = _mm256_set1_ps(static_cast<float>(s[r]));
+          const __m256 offset = _mm256_set1_ps(int4 ? static_cast<float>(s[kRows + r]) : 0.f);
           T* dst = out + (g * kRows + r) * k + b * kBlock;
-          VLM_UNROLL for (int half = 0; half < 2; ++half) {
-            __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                reinterpret_cast<const __m128i*>(row + 16 * half))));
-            if (!int4) code = _mm512_sub_ps(code, _mm512_set1_ps(128.f));
-            const __m512 value = int4 ? _mm512_fmadd_ps(code, scale, offset) : _mm512_mul_ps(code, scale);
-            store16(dst + 16 * half, value);
+          VLM_UNROLL for (int part = 0; part < 4; ++part) {
+            __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                reinterpret_cast<const __m128i*>(row + 8 * part))));
+            if (!int4) code = _mm256_sub_ps(code, _mm256_set1_ps(128.f));
+            const __m256 value = int4 ? _mm256_fmadd_ps(code, scale, offset) : _mm256_mul_ps(code, scale);
+            store8(dst + 8 * part, value);
           }
         }
       }

@@ -43,9 +43,14 @@ def kernels_take(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 or kernels.bf16_supported()
 
 
+def supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a `PackedLinear` runs weights of `dtype` on `device` (oneDNN packs them or the kernels take them)."""
+    return packing_supported(dtype, device) or kernels_take(dtype, device)
+
+
 def packable(*modules: nn.Module) -> bool:
-    """Whether these modules are plain linears over one input that oneDNN can pack together."""
-    return all(type(m) is nn.Linear and packing_supported(m.weight.dtype, m.weight.device)
+    """Whether these modules are plain linears over one input that a `PackedLinear` can run together."""
+    return all(type(m) is nn.Linear and supported(m.weight.dtype, m.weight.device)
                and m.in_features == modules[0].in_features for m in modules)
 
 
