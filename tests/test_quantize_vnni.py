@@ -12,6 +12,7 @@ import vlm
 import vlm.quantize_vnni
 import vlm.tiny
 from vlm import kernels
+from vlm.layers.linear import matmul
 from vlm.quantize import Int4Linear, Int8Linear
 from vlm.quantize_vnni import KERNEL_ROWS, Int4VnniLinear, Int8VnniLinear
 
@@ -112,9 +113,9 @@ def test_inputs_longer_than_the_kernel_rows_use_the_dequantized_matmul(cls):
     layer = cls(nn.Linear(256, 96).to(torch.bfloat16))
     with torch.inference_mode():
         long, short = torch.randn(KERNEL_ROWS + 1, 256, dtype=torch.bfloat16), torch.randn(4, KERNEL_ROWS, 256)
-        assert torch.equal(layer(long), F.linear(long, layer.dequantized(torch.bfloat16), layer.bias))
+        assert torch.equal(layer(long), matmul(long, layer.dequantized(torch.bfloat16), layer.bias))
         out = layer(short.bfloat16())  # (4, 32, 256): 128 rows in all, flattened before the choice
-        assert torch.equal(out, F.linear(short.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias))
+        assert torch.equal(out, matmul(short.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias))
 
 
 def test_without_the_kernels_quantization_uses_pytorchs(monkeypatch, tmp_path):

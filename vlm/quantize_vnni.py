@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from . import hugepages
 from .kernels.threads import ThreadChoice
+from .layers.linear import matmul
 
 BLOCK = 32  # inputs per scale
 ROWS = 16  # rows interleaved
@@ -78,7 +79,7 @@ class _VnniLinear(nn.Module):
             out = self.threads.run(lambda parallel: op(flat, self.codes, self.scales, self.kernel_bias,
                                                     self.out_features, parallel))
         else:
-            out = F.linear(flat, self.dequantized(x.dtype), self.bias)
+            out = matmul(flat, self.dequantized(x.dtype), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
