@@ -12,7 +12,7 @@ import vlm
 import vlm.quantize_vnni
 import vlm.tiny
 from vlm import kernels
-from vlm.layers.linear import matmul
+from vlm.layers.linear import matmul, native_bf16_matmul
 from vlm.quantize import Int4Linear, Int8Linear
 from vlm.quantize_vnni import KERNEL_ROWS, Int4VnniLinear, Int8VnniLinear
 
@@ -109,13 +109,17 @@ def test_threads_split_rows_without_changing_results(cls):
 @needs_kernels
 @pytest.mark.parametrize("cls", CLASSES)
 def test_inputs_longer_than_the_kernel_rows_use_the_dequantized_matmul(cls):
+    """Where oneDNN multiplies bfloat16 (AVX512); elsewhere (AVX2) the kernel takes every input."""
     torch.manual_seed(0)
     layer = cls(nn.Linear(256, 96).to(torch.bfloat16))
     with torch.inference_mode():
         long, short = torch.randn(KERNEL_ROWS + 1, 256, dtype=torch.bfloat16), torch.randn(4, KERNEL_ROWS, 256)
-        assert torch.equal(layer(long), matmul(long, layer.dequantized(torch.bfloat16), layer.bias))
+        dequantized = torch.equal(layer(long), matmul(long, layer.dequantized(torch.bfloat16), layer.bias))
+        assert dequantized == native_bf16_matmul()
+        if not dequantized:
+            assert _rel(layer(long), _exact(layer, long)) < 4e-3  # the kernel: bf16 rounding of its exact result
         out = layer(short.bfloat16())  # (4, 32, 256): 128 rows in all, flattened before the choice
-        assert torch.equal(out, matmul(short.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias))
+        assert torch.equal(out, matmul(short.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias)) == dequantized
 
 
 def test_without_the_kernels_quantization_uses_pytorchs(monkeypatch, tmp_path):

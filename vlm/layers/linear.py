@@ -24,6 +24,9 @@ from ..kernels.threads import ThreadChoice
 
 _PACKING = threading.Lock()
 KERNEL_ROWS = 4  # up to this many input rows the kernels beat F.linear (above, oneDNN with AMX is faster)
+# ... and for bfloat16 where `matmul` widens it (AVX2; measured on an AMD EPYC: the kernel 2-7x faster at 1-64 rows,
+# level at 256)
+WIDE_KERNEL_ROWS = 128
 WIDE_CHUNK = 1 << 22  # bfloat16 weights widened to float32 at a time by `matmul` (16 MiB)
 
 
@@ -31,6 +34,11 @@ WIDE_CHUNK = 1 << 22  # bfloat16 weights widened to float32 at a time by `matmul
 def native_bf16_matmul() -> bool:
     """Whether oneDNN multiplies bfloat16 on this CPU (AVX512 and newer); elsewhere PyTorch's own kernel does."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def kernel_rows(dtype: torch.dtype) -> int:
+    """Most input rows a dense weight of `dtype` multiplies through the kernels (more go to `matmul`)."""
+    return WIDE_KERNEL_ROWS if dtype == torch.bfloat16 and not native_bf16_matmul() else KERNEL_ROWS
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +141,7 @@ class PackedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.weight is None:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        elif flat.shape[0] <= KERNEL_ROWS:
+        elif flat.shape[0] <= kernel_rows(flat.dtype):
             flat = flat.contiguous()
             out = self.threads.run(lambda parallel: torch.ops.vlm_kernels.dense_linear(flat, self.weight, self.bias,
                                                                                    parallel))
