@@ -114,12 +114,21 @@ class Decoding:
         self.generated = 0
         self.finish: str | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the argmax of the logits as they come (no processors, no sampling, no
+        repetition penalty), so a batch's tokens can be picked at once and handed to `record`."""
+        return not self.processors and not self.sampling.do_sample and self.sampling.repetition_penalty == 1.0
+
     def pick(self, logits: torch.Tensor) -> int:
         """logits (1, V) -> the next token."""
         history = self.history[:, :self.length]
         for process in self.processors:
             logits = process(logits, history)
-        token = int(self.sampler(logits, history))
+        return self.record(int(self.sampler(logits, history)))
+
+    def record(self, token: int) -> int:
+        """Take `token` as the next one (what `pick` chose, or a greedy request's argmax) and return it."""
         self.history[0, self.length] = token
         self.length += 1
         self.generated += 1

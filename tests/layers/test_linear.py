@@ -17,12 +17,13 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.devic
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS, KERNEL_ROWS + 1, 257])  # the kernels up to KERNEL_ROWS
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_matches_linear(dtype, rows, bias):
+@pytest.mark.parametrize("inputs", [96, 37])  # 37: a part of a vector after the whole ones
+def test_packed_matches_linear(dtype, rows, bias, inputs):
     if not supported(dtype, torch.device("cpu")):
         pytest.skip(f"neither oneDNN nor the kernels take {dtype} here")
     torch.manual_seed(0)
-    linear = nn.Linear(96, 200, bias=bias).to(dtype)
-    x = torch.randn(1, rows, 96, dtype=dtype)
+    linear = nn.Linear(inputs, 200, bias=bias).to(dtype)
+    x = torch.randn(1, rows, inputs, dtype=dtype)
     expected = linear(x)
     packed = PackedLinear(linear)
     with torch.inference_mode():

@@ -320,11 +320,14 @@ class Engine:
                 if sequence.done == sequence.prompt_length:
                     sequence.embeds = None  # in the cache now
             now = time.monotonic()
+            argmax = logits.argmax(-1).tolist() if any(s.decoding.greedy for s in emitting) else []
             for row, sequence in enumerate(emitting):
                 if sequence.ended(now) is not None:  # ends before the next step, without this token
                     continue
+                decoding = sequence.decoding
                 try:
-                    sequence.pending = sequence.decoding.pick(logits[row:row + 1])
+                    sequence.pending = decoding.record(argmax[row]) if decoding.greedy else \
+                        decoding.pick(logits[row:row + 1])
                 except Exception as exc:
                     self._finish(sequence, error=exc)
                     continue

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .linear import PackedLinear, packable
+from .linear import PackedLinear, mm, packable
 from .rotary import apply_rotary, rotate_half
 
 SPAN_STEP = 128
@@ -199,13 +199,13 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 keys = end if causal else k.shape[2]
-                scores = q[i, shared, start:end].reshape(-1, d) @ k[i, h, :keys].t()
+                scores = mm(q[i, shared, start:end].reshape(-1, d), k[i, h, :keys].t())
                 grid = scores.view(group, end - start, keys)
                 if mask is not None:
                     grid.masked_fill_(blocked[i, 0, start:end], float("-inf"))
                 elif causal:
                     grid[..., start:].masked_fill_(blocked[:end - start, :end - start], float("-inf"))
-                out[i, shared, start:end] = (torch.softmax(scores, dim=-1) @ v[i, h, :keys]).view(group, end - start, d)
+                out[i, shared, start:end] = mm(torch.softmax(scores, dim=-1), v[i, h, :keys]).view(group, end - start, d)
     return out
 
 
@@ -237,8 +237,8 @@ def _batches(lengths: list[int]):
 
 def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked attention of many short segments at once, as `cpu_attention` computes one: (B, H, L, D)."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    return torch.softmax(scores, dim=-1) @ v
+    scores = mm(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    return mm(torch.softmax(scores, dim=-1), v)
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

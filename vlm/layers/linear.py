@@ -1,8 +1,8 @@
 """Linear layers for CPU decoding: this project's kernels on the plain weight, else oneDNN's packed layout.
 
 On x86 CPUs, `F.linear` with a plain row-major weight reaches about half the memory bandwidth at batch 1
-(decoding). Where this project's kernels run (`vlm/kernels`: AVX512, and AVX512-BF16 for bfloat16), a few
-input rows go through them and longer inputs through `F.linear`, both on the plain weight (no second copy,
+(decoding). Where this project's kernels run (`vlm/kernels`: AVX512, with AVX512-BF16 for bfloat16, or AVX2),
+a few input rows go through them and longer inputs through `matmul`, both on the plain weight (no second copy,
 and the decoder layer's fused decode step reads the same tensor). Elsewhere the weight is reordered once into
 oneDNN's blocked layout, which is read at close to full speed (about 2x faster decode, faster prompts too).
 Projections that read the same input (q/k/v, gate/up) are joined as one matrix, so a layer makes fewer,
@@ -39,6 +39,15 @@ def native_bf16_matmul() -> bool:
 def kernel_rows(dtype: torch.dtype) -> int:
     """Most input rows a dense weight of `dtype` multiplies through the kernels (more go to `matmul`)."""
     return WIDE_KERNEL_ROWS if dtype == torch.bfloat16 and not native_bf16_matmul() else KERNEL_ROWS
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (attention's scores and mixing); bfloat16 on a CPU without oneDNN's bfloat16 runs in float32 and is
+    rounded once, as `matmul` (PyTorch's own bfloat16 matmul there made a 512-token prompt of a 0.5B model 10x
+    slower)."""
+    if a.dtype != torch.bfloat16 or a.device.type != "cpu" or native_bf16_matmul():
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ...checkpoint import prefix_renamer, sub_config
 from ...errors import CheckpointError
+from ...layers.linear import mm
 from ...layers.mlp import MLP, activation
 
 # Checkpoint (hub) prefix -> module prefix; every other tensor keeps its hub name.
@@ -152,10 +153,10 @@ class Attention(nn.Module):
         v = self.v_proj(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         # Written out in the reference's order (scaled queries) rather than fused: hard grouping
         # decisions downstream amplify rounding differences.
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, N, M)
+        scores = mm(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, H, N, M)
         if causal:
             scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-        out = scores.softmax(-1) @ v  # (B, H, N, D/H)
+        out = mm(scores.softmax(-1), v)  # (B, H, N, D/H)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -295,11 +296,11 @@ class AssignAttention(nn.Module):
 
     def forward(self, groups: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> new group embeddings (B, G, C) and the soft assignment (B, G, N), a distribution over groups."""
-        logits = self.q_proj(groups) @ self.k_proj(tokens).transpose(1, 2) * self.scale  # (B, G, N)
+        logits = mm(self.q_proj(groups), self.k_proj(tokens).transpose(1, 2)) * self.scale  # (B, G, N)
         soft = logits.softmax(dim=1)
         hard = F.one_hot(soft.argmax(dim=1), groups.shape[1]).transpose(1, 2).to(soft.dtype)
         hard = hard / (hard.sum(dim=-1, keepdim=True) + self.eps)  # mean of each group's tokens
-        return self.proj(hard @ self.v_proj(tokens)), soft
+        return self.proj(mm(hard, self.v_proj(tokens))), soft
 
 
 class GroupingBlock(nn.Module):
