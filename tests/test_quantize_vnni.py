@@ -122,6 +122,20 @@ def test_inputs_longer_than_the_kernel_rows_use_the_dequantized_matmul(cls):
         assert torch.equal(out, matmul(short.bfloat16(), layer.dequantized(torch.bfloat16), layer.bias)) == dequantized
 
 
+@pytest.mark.parametrize("flags, chosen", [
+    ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"}, "avx512"),
+    ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, "avx2"),  # AVX512 without VNNI (Skylake)
+    ({"avx2", "fma", "f16c", "sse4_2"}, "avx2"),  # e.g. AMD Zen 3
+    ({"avx", "sse4_2"}, None),
+])
+def test_the_build_takes_the_best_instruction_set_the_cpu_has(monkeypatch, flags, chosen):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    assert kernels.instruction_set() == chosen and kernels.cpu_supported() == (chosen is not None)
+    if chosen is not None:
+        compiler_flags = kernels.compile_flags()
+        assert "-mavx2" in compiler_flags and ("-mavx512vnni" in compiler_flags) == (chosen == "avx512")
+
+
 def test_without_the_kernels_quantization_uses_pytorchs(monkeypatch, tmp_path):
     """No compiler (the build raises) or VLM_KERNELS=0: available() is False and int8/int4 take aten's layers."""
     from torch.utils import cpp_extension

@@ -55,7 +55,7 @@ float dot(const float* q, const T* k, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  float sum = vlm::sum8(acc);
+  float sum = vlm::sum_lanes(acc);
   for (; i < n; ++i) sum += q[i] * value(k, i);
   return sum;
 }

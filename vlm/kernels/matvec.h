@@ -106,11 +106,54 @@ void quantize_rows(const T* x, int64_t m, int64_t k, Activations& a) {
   }
 }
 
+// Four int8 codes as one 32-bit word (what `vpdpbusd` / `vpmaddubsw` take broadcast).
+inline int32_t four_codes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 // The sum of a vector's lanes.
-inline float sum8(__m256 v) {
+inline float sum_lanes(__m256 v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
   return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128 bits: a, b, c, d
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+#if defined(__AVX512F__)
+
+inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)] (13 instructions where four
+// _mm512_reduce_add_ps take 32: at 896 inputs a row's dot product is only 28 multiply-adds).
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a, b, a, b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a, b, c, d
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+#endif
+
+// y[t * ldy + r] = the sum of acc[r][t]'s lanes.
+template <int R, int T, typename V>
+inline void store_sums(V (&acc)[R][T], float* y, int64_t ldy) {
+  VLM_UNROLL for (int t = 0; t < T; ++t) {
+    if constexpr (R == 4) {
+      _mm_storeu_ps(y + t * ldy, sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+    } else {
+      VLM_UNROLL for (int r = 0; r < R; ++r) y[t * ldy + r] = sum_lanes(acc[r][t]);
+    }
+  }
 }
 
 #if defined(__AVX512F__)
@@ -119,11 +162,7 @@ constexpr int64_t kTile = 8;       // activation rows computed together by the q
 constexpr int kDenseColumns = 4;  // activation rows per dense tile
 constexpr int64_t kOneStreamBytes = 0;  // see the AVX2 build's (not measured with AVX512)
 
-inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
+inline __m512i broadcast4(const int8_t* p) { return _mm512_set1_epi32(four_codes(p)); }
 
 // One group of 16 quantized rows against activation rows [m0, m0 + T): out[t * 16 + r] = row r's sum.
 template <bool kInt4, int T>
@@ -165,30 +204,6 @@ void group_kernel(const uint8_t* weights, const at::Half* scales, const Activati
     }
   }
   VLM_UNROLL for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + t * kRows, acc[t]);
-}
-
-// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)] (13 instructions where four
-// _mm512_reduce_add_ps take 32: at 896 inputs a row's dot product is only 28 multiply-adds).
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a, b, a, b
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a, b, c, d
-  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
-// y[t * ldy + r] = the sum of acc[r][t]'s lanes.
-template <int R, int T>
-inline void store_sums(__m512 (&acc)[R][T], float* y, int64_t ldy) {
-  VLM_UNROLL for (int t = 0; t < T; ++t) {
-    if constexpr (R == 4) {
-      _mm_storeu_ps(y + t * ldy, sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-    } else {
-      VLM_UNROLL for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
-    }
-  }
 }
 
 // Dense rows [r0, r0 + R) against activation rows [m0, m0 + T): y[t][r] = dot(w[r], x[t]).
@@ -238,11 +253,7 @@ constexpr int kDenseColumns = 2;  // activation rows per dense tile (16 vector r
 // Zen 3, two threads: 9728x896 bf16 12-17 GB/s one row at a time vs 10-12 four; 896x4864 13 vs 16).
 constexpr int64_t kOneStreamBytes = 4096;
 
-inline __m256i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
+inline __m256i broadcast4(const int8_t* p) { return _mm256_set1_epi32(four_codes(p)); }
 
 // One group of 16 quantized rows (two vectors of 8) against activation rows [m0, m0 + T): out[t * 16 + r] =
 // row r's sum. A block's products are summed in 16 bits where they cannot overflow (int4: 8 x 2 x 15 x 127).
@@ -297,24 +308,6 @@ void group_kernel(const uint8_t* weights, const at::Half* scales, const Activati
   VLM_UNROLL for (int t = 0; t < T; ++t) {
     _mm256_storeu_ps(out + t * kRows, acc[t][0]);
     _mm256_storeu_ps(out + t * kRows + 8, acc[t][1]);
-  }
-}
-
-// The sums of four vectors' lanes, as one vector [sum(a), sum(b), sum(c), sum(d)].
-inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128 bits: a, b, c, d
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// y[t * ldy + r] = the sum of acc[r][t]'s lanes.
-template <int R, int T>
-inline void store_sums(__m256 (&acc)[R][T], float* y, int64_t ldy) {
-  VLM_UNROLL for (int t = 0; t < T; ++t) {
-    if constexpr (R == 4) {
-      _mm_storeu_ps(y + t * ldy, sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-    } else {
-      VLM_UNROLL for (int r = 0; r < R; ++r) y[t * ldy + r] = sum8(acc[r][t]);
-    }
   }
 }
 
