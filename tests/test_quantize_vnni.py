@@ -108,7 +108,7 @@ def test_threads_split_rows_without_changing_results(cls):
 
 @needs_kernels
 @pytest.mark.parametrize("cls", CLASSES)
-def test_inputs_longer_than_the_kernel_rows_use_the_dequantized_matmul(cls):
+def test_inputs_longer_than_the_kernel_rows_take_the_dequantized_matmul_where_bf16_is_native(cls):
     """Where oneDNN multiplies bfloat16 (AVX512); elsewhere (AVX2) the kernel takes every input."""
     torch.manual_seed(0)
     layer = cls(nn.Linear(256, 96).to(torch.bfloat16))

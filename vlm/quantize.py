@@ -1,12 +1,13 @@
 """Weight-only quantization of a language model's linear layers.
 
 Decoding reads every weight once per token, so fewer bytes per weight mean more tokens/s on a
-memory-bound CPU, and less memory. On CPUs with AVX512-VNNI where this project's kernels build
-(`vlm/kernels`, `vlm/quantize_vnni.py`), int8 and int4 use them: a float16 scale per 32 inputs (int4 also
-a min), activations rounded to int8 per 32 inputs and integer dot products, as llama.cpp does. Elsewhere
-PyTorch's kernels multiply bf16 activations by the codes directly (`torch.ops.aten._weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) in the formats below. Either way, the kernels' cost grows with the rows, so
-longer inputs (prompts) dequantize the weight once and use the bf16 matmul instead.
+memory-bound CPU, and less memory. Where this project's kernels build (`vlm/kernels`: AVX512-VNNI or AVX2;
+`vlm/quantize_vnni.py`), int8 and int4 use them: a float16 scale per 32 inputs (int4 also a min),
+activations rounded to int8 per 32 inputs and integer dot products, as llama.cpp does. Elsewhere PyTorch's
+kernels multiply bf16 activations by the codes directly (`torch.ops.aten._weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) in the formats below. The kernels' cost grows with the rows, so longer inputs
+(prompts) dequantize the weight once and use the bf16 matmul instead, except with the AVX2 kernels, which
+beat that at any length (see `vlm/quantize_vnni.py`).
 
 - "int8": symmetric; PyTorch's path has one scale per output channel (error ~0.5% of a weight row; 0.4%
   with the VNNI kernels' scale per 32 inputs).
@@ -156,7 +157,7 @@ class Int4Linear(nn.Module):
 
 
 def _vnni(linear: nn.Linear) -> bool:
-    """Whether this project's VNNI kernels take `linear` (built on first use; see vlm/kernels)."""
+    """Whether this project's kernels (VNNI or AVX2) take `linear` (built on first use; see vlm/kernels)."""
     from . import kernels
     from .quantize_vnni import fits
 

@@ -1,4 +1,5 @@
-"""int8 and int4 weights in the layout of this project's VNNI kernels (`vlm/kernels`), used when they build.
+"""int8 and int4 weights in the layout of this project's kernels (`vlm/kernels`: VNNI, or AVX2 on the same
+layout), used when they build.
 
 Both keep a float16 scale per 32 inputs of a row (int4 also a min: w = scale * code + min), like llama.cpp's
 Q8_0 and Q4_1, and are stored 16 rows interleaved (see vlm/kernels/matvec.h), the codes on huge pages. Up to
