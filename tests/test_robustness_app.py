@@ -483,25 +483,23 @@ class Clock:
 
 
 @pytest.fixture
-def policy(monkeypatch):
+def policy():
     """Sessions(capacity 3, 20 KB of state beyond Gradio's part each, keep 600 s, idle 3600 s) on a real
     StateHolder, with a clock the test moves, and the sessions that ended."""
     import gradio as gr
     from gradio.state_holder import StateHolder
 
-    import vlm.ui.sessions
     from vlm.ui.sessions import SESSION_BYTES, SessionLimits, Sessions
     from vlm.ui.turns import ChatState, Turn
 
-    clock = Clock()
-    monkeypatch.setattr(vlm.ui.sessions.time, "monotonic", clock)
+    clock = Clock()  # the policy's own: patching time.monotonic would move the clock of the app's event loop too
     with gr.Blocks() as blocks:
         state = gr.State(ChatState())
     holder = StateHolder()
     holder.set_blocks(blocks)
     ended: list[str] = []
     sessions = Sessions(SessionLimits(capacity=3, memory_bytes=3 * SESSION_BYTES + 60_000, keep_seconds=600,
-                                      idle_seconds=3600), on_end=ended.append)
+                                      idle_seconds=3600), on_end=ended.append, clock=clock)
     sessions.install(holder)
 
     def use(session: str, text: str | None = None, busy: bool = False, after: float = 1.0) -> ChatState:

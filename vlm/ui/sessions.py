@@ -35,8 +35,9 @@ class SessionLimits:
 class Sessions:
     """The policy, installed on the StateHolder of a launched Gradio app (`install`)."""
 
-    def __init__(self, limits: SessionLimits = SessionLimits(), on_end: Callable[[str], None] = lambda session: None):
-        self.limits, self.on_end = limits, on_end
+    def __init__(self, limits: SessionLimits = SessionLimits(), on_end: Callable[[str], None] = lambda session: None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.limits, self.on_end, self.clock = limits, on_end, clock
         self.holder: Any = None
         self._lock = threading.Lock()
         self._used: dict[str, float] = {}  # session -> when it was last used (monotonic)
@@ -52,7 +53,7 @@ class Sessions:
     # ------------------------------------------------------------------------- called by Gradio and the gate
     def update(self, session: str) -> None:
         """`session` is being used (Gradio just looked it up, creating it if new): enforce the bounds."""
-        now = time.monotonic()
+        now = self.clock()
         data = self.holder.session_data
         with self.holder.lock:
             new = session not in self._used or session in self._refused
