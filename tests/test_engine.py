@@ -303,3 +303,34 @@ def test_the_interpreter_exits_cleanly_while_an_engine_is_mid_answer(tmp_path):
                          timeout=240, cwd=ROOT)
     assert out.returncode == 0 and "exiting mid-answer" in out.stdout, out.stderr[-2000:]
     assert "terminate called" not in out.stderr
+
+
+SLOW_TAIL_CHILD = """
+import sys, threading, torch, vlm
+from vlm.engine import engine
+
+serve = engine.Engine._serve
+
+def serve_then_free_slowly(self):  # as a scheduler still freeing its last step's tensors after it is idle
+    serve(self)
+    a = torch.randn(100_000)
+    for _ in range(20_000):  # torch ops, each releasing the GIL: the abort if the interpreter finalizes now
+        a = a + 1
+    print("tail done", flush=True)
+
+engine.Engine._serve = serve_then_free_slowly
+pipe = vlm.load(sys.argv[1], dtype="float32")
+pipe.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)
+print("answered", flush=True)
+"""
+
+
+def test_the_interpreter_exits_after_an_answer_while_the_scheduler_still_frees_its_step(tmp_path):
+    """The answer is back but the scheduler thread is not gone yet: the exit waits for it."""
+    import subprocess
+    import sys
+
+    directory = vlm.tiny.write("qwen2_vl", tmp_path / "q")
+    out = subprocess.run([sys.executable, "-c", SLOW_TAIL_CHILD, str(directory)], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert out.returncode == 0 and "answered" in out.stdout and "tail done" in out.stdout, out.stderr[-2000:]

@@ -460,3 +460,45 @@ def test_concurrency_and_kv_budget_settings():
     assert settings.concurrency == 3 and settings.kv_budget_bytes == 2 * 2**30
     defaults = Settings.from_env({"VLM_MEMORY_BUDGET_GB": "10"})
     assert defaults.concurrency is None and defaults.kv_budget_bytes == 10 * 2**30 // 4  # what the budget holds
+
+
+EXIT_CHILD = """
+import sys, threading, torch
+import vlm.session
+from vlm.session import Generation, SessionManager
+
+run = Generation._run_cancellable
+
+def run_then_free_slowly(self):  # as a generation's thread still freeing its tensors after it is done
+    run(self)
+    if self._options.get("max_new_tokens") == 2:
+        a = torch.randn(100_000)
+        for _ in range(20_000):  # torch ops, each releasing the GIL: the abort if the interpreter finalizes now
+            a = a + 1
+        print("tail done", flush=True)
+
+Generation._run_cancellable = run_then_free_slowly
+manager = SessionManager()
+answered = manager.generate("qwen2_vl", sys.argv[1], [{"role": "user", "content": "Hi"}], max_new_tokens=2)
+*_, last = answered.updates(0.05)
+assert last.error is None and last.stats.tokens == 2, last
+print("answered", flush=True)
+endless = manager.generate("qwen2_vl", sys.argv[1], [{"role": "user", "content": "Go on."}], max_new_tokens=100000)
+for snap in endless.updates(0.05):
+    if snap.stats is not None and snap.stats.tokens >= 2:
+        break
+print("exiting mid-answer", flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_after_and_during_a_generation(tmp_path):
+    """updates() ends once the generation's thread is gone; at exit a running generation is cancelled and
+    waited for (a daemon thread inside a torch op while the interpreter finalizes aborts the process)."""
+    import subprocess
+    import sys
+
+    directory = endless_qwen2_vl(tmp_path / "q")
+    out = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(directory)], capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["tail", "done", "answered", "exiting", "mid-answer"], out.stdout

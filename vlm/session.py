@@ -9,10 +9,12 @@ which starts a `Generation` per answer.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,6 +328,7 @@ class Generation:
         self._snapshot = Snapshot(0, "Waiting for a free slot…", "", "")
         self._thread = threading.Thread(target=self._run_cancellable, name=f"vlm-session-{family}", daemon=True)
         self._thread.start()
+        _generations.add(self)
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -336,6 +339,8 @@ class Generation:
         seen = -1
         while True:
             finished = self._done.wait(interval)
+            if finished:  # its thread is about to end; wait until it has freed its tensors
+                self._thread.join()
             snap = self.snapshot()
             if snap.version != seen:
                 seen = snap.version
@@ -459,6 +464,24 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+_generations: "weakref.WeakSet[Generation]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_generations() -> None:
+    """At exit, cancel the generations still running and wait for their threads (whose vision encoders may be
+    embedding a prompt), then for the engines' schedulers: see `vlm.engine.engine.stop_engines`."""
+    from .engine.engine import EXIT_SECONDS, stop_engines
+
+    running = list(_generations)
+    for generation in running:
+        generation.cancel()
+    deadline = time.monotonic() + EXIT_SECONDS
+    for generation in running:
+        generation.join(max(0.0, deadline - time.monotonic()))
+    stop_engines()
+
+
 def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:
     """An OutOfMemoryError with advice when `exc` (or its cause) is an out-of-memory error, else None."""
     import torch

@@ -165,7 +165,8 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._reserved = 0  # bytes of the running requests' caches
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the scheduler thread while it serves
+        self._threads: list[threading.Thread] = []  # those started and not yet gone (one may still free its step)
         _engines.add(self)
 
     # ------------------------------------------------------------------------------------------ public
@@ -197,6 +198,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="vlm-engine", daemon=True)
                 self._thread.start()
+                self._threads = [t for t in self._threads if t.is_alive()] + [self._thread]
         return handle
 
     def active(self) -> int:
@@ -213,9 +215,10 @@ class Engine:
         with self._lock:
             for sequence in [*self._waiting, *self._running]:
                 sequence.handle.cancel()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+            threads = list(self._threads)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:  # until each has freed its last step's tensors too
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # --------------------------------------------------------------------------------------- scheduler
     def _serve(self) -> None:
@@ -397,8 +400,9 @@ def default_kv_budget(device: torch.device) -> int:
 
 
 @atexit.register
-def _stop_engines() -> None:
-    """At exit, end the schedulers between two steps: a daemon thread still inside a torch op while the
-    interpreter finalizes aborts the process ("terminate called without an active exception")."""
+def stop_engines() -> None:
+    """At exit, end the schedulers between two steps: a daemon thread still inside a torch op (even one
+    freeing a tensor) while the interpreter finalizes aborts the process ("terminate called without an
+    active exception")."""
     for engine in list(_engines):
         engine.stop(EXIT_SECONDS)
