@@ -3,10 +3,15 @@ other again, more rarely while it keeps losing, sooner once it wins."""
 
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
 
 from vlm.kernels import threads as threads_module
 from vlm.kernels.threads import MAX_INTERVAL, MIN_INTERVAL, ThreadChoice
+
+
+def _threads(monkeypatch, count: int) -> None:
+    """The module sees `count` intra-op threads (its own torch name patched: other threads keep the real one)."""
+    monkeypatch.setattr(threads_module, "torch", SimpleNamespace(get_num_threads=lambda: count))
 
 
 def _calls(choice: ThreadChoice, seconds: dict[bool, float], count: int) -> list[bool]:
@@ -19,7 +24,7 @@ def _calls(choice: ThreadChoice, seconds: dict[bool, float], count: int) -> list
 
 
 def test_the_faster_is_kept_and_the_other_tried_ever_more_rarely(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _threads(monkeypatch, 2)
     choice = ThreadChoice()
     chosen = _calls(choice, {True: 1.0, False: 3.0}, 2 + MIN_INTERVAL * (1 + 2 + 4))
     assert chosen[:2] == [True, False]  # each tried once
@@ -30,7 +35,7 @@ def test_the_faster_is_kept_and_the_other_tried_ever_more_rarely(monkeypatch):
 
 
 def test_a_busy_machine_turns_the_choice_and_a_quiet_one_turns_it_back(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _threads(monkeypatch, 2)
     choice = ThreadChoice()
     _calls(choice, {True: 1.0, False: 3.0}, 100)
     busy = _calls(choice, {True: 30.0, False: 3.0}, 100)  # parallel calls now wait for the other core
@@ -40,14 +45,14 @@ def test_a_busy_machine_turns_the_choice_and_a_quiet_one_turns_it_back(monkeypat
 
 
 def test_one_thread_never_runs_parallel(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    _threads(monkeypatch, 1)
     assert not ThreadChoice().choose()
 
 
 def test_run_times_the_call(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    _threads(monkeypatch, 2)
     clock = iter([0.0, 2.0])
-    monkeypatch.setattr(threads_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(threads_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     choice = ThreadChoice()
     assert choice.run(lambda parallel: f"parallel={parallel}") == "parallel=True"
     assert choice.seconds == {True: 2.0, False: None}
