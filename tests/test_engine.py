@@ -270,6 +270,40 @@ def test_vision_encoding_takes_turns_with_decoding_steps(qwen, monkeypatch):
     assert not any(a < d and c < b for a, b in vision for c, d in steps)  # never both at once
 
 
+class Order:
+    """A logits processor that writes `name` into a shared list each time its request picks a token."""
+
+    def __init__(self, log: list[str], name: str):
+        self.log, self.name = log, name
+
+    def __call__(self, logits, history):
+        self.log.append(self.name)
+        return logits
+
+
+def test_a_question_arriving_while_others_decode_is_read_at_once(qwen, monkeypatch):
+    """Its prompt (one chunk) would take many decode steps to earn, yet it is read in the next step: its first
+    token comes within a few of the running answer's."""
+    engine = Engine(qwen.model)
+    for rows in (0, 10):  # a decode step 50 ms, a prompt row 10 ms (1 s chunks: 100 rows), measurements frozen
+        engine.pace.observe(1, rows, 0.05 + rows * 0.01)
+    monkeypatch.setattr(engine.pace, "observe", lambda *args: None)
+    log: list[str] = []
+    running = engine.submit(Request(qwen.encode(text("Go on.")), Sampling(max_new_tokens=60, repetition_penalty=1.0),
+                                    frozenset(), processors=[Order(log, "running")]))
+    next(running), next(running)
+    question = text("Tell me a long story about a cat that sits on a red sofa next to a window.")
+    arrived = engine.submit(request(qwen, question, tokens=1, processors=[Order(log, "arrived")]))
+    log.append("submitted")
+    assert len(list(arrived)) == 1
+    between = log[log.index("submitted"):log.index("arrived")]
+    rows = qwen.encode(question)["input_ids"].shape[-1]
+    assert rows <= 100 and rows * 0.01 / (0.6 * 0.05) > 10  # one chunk; its credit would take over 10 steps
+    assert between.count("running") <= 2, log
+    running.cancel()
+    assert engines_stop()
+
+
 def test_cancel_while_an_image_is_encoded_returns_at_once(qwen, monkeypatch):
     engine = Engine(qwen.model)
     cancel = threading.Event()

@@ -56,3 +56,28 @@ def test_a_decode_step_is_kept_per_number_of_requests():
     pace.observe(8, 0, 0.2)
     pace.observe(8, 4, 0.2 + 4 * ROW)  # measured against the 8-request step, not the latest or the 1-request one
     assert pace.row_seconds == pytest.approx(ROW)
+
+
+def test_a_prompt_not_begun_gets_its_first_chunk_at_once_and_the_next_chunk_repays_it():
+    pace = _measured()
+    assert pace.prompt_rows(decoding=2, pending=1000, fresh=True) == 100  # no credit yet: read on credit
+    pace.observe(2, 100, DECODE + 100 * ROW)
+    assert pace.credit == pytest.approx(-1.0)  # the chunk's cost (1 s), the most it may owe
+    chosen = [pace.prompt_rows(decoding=2, pending=900) for _ in range(100)]
+    assert next(i for i, r in enumerate(chosen) if r) == math.ceil(2 * 100 * ROW / (0.75 * DECODE) - 1e-9)
+
+
+def test_arrivals_read_at_once_leave_the_running_answers_their_pace_over_time():
+    pace = _measured(0.75)
+    decode_time = prompt_time = 0.0
+    long_prompt = 10**6
+    for step in range(4000):
+        fresh = step % 50 == 0  # a 5-row question arrives every 50 steps, read before the long prompt
+        rows = pace.prompt_rows(decoding=2, pending=long_prompt + 5, fresh=fresh)
+        if fresh:
+            assert rows > 0
+        seconds = DECODE + rows * ROW
+        pace.observe(2, rows, seconds)
+        decode_time += DECODE
+        prompt_time += rows * ROW
+    assert prompt_time / decode_time == pytest.approx(0.75, rel=0.1)

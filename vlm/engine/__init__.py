@@ -8,7 +8,8 @@
   (bytes, running caches plus those kept for reuse) have room; a request that does not fit waits,
   told its place in the queue. Then one forward runs one row for every decoding request and, once the
   decode steps have earned it, a chunk of a waiting prompt (chunked prefill, paced by `pace.Pace` so
-  running answers keep 1 / (1 + prefill_ratio) of their pace while prompts are read), with each request's own
+  running answers keep 1 / (1 + prefill_ratio) of their pace while prompts are read; a prompt's first chunk
+  is read at once, before those begun, and repaid by the next ones), with each request's own
   positions (M-RoPE included). The model's linears run once over all rows; attention runs per request
   over its own KV cache (`layers.attention.Rows`: ragged, nothing padded to the longest).
 - A finished request's cache goes to the prefix pool; a follow-up turn sharing its beginning (same

@@ -93,6 +93,7 @@ class _Sequence:
         self.decoding = Decoding(self.ids, request.sampling, request.stop_ids, request.processors)
         self.cache: KVCache | None = None
         self.done = 0  # prompt positions in the cache
+        self.started = False  # whether a step has read (or is reading) rows of its prompt
         self.pending: int | None = None  # the last token picked, not yet in the cache
 
     @property
@@ -285,13 +286,16 @@ class Engine:
 
     def _plan(self) -> _Step:
         decodes = [s for s in self._running if s.pending is not None]
-        pending = sum(s.prompt_length - s.done for s in self._running if s.pending is None)
-        budget = self.pace.prompt_rows(len(decodes), pending) if pending else 0
+        # prompts not begun first: each one's first chunk is read at once (`Pace.prompt_rows`, fresh)
+        reading = sorted((s for s in self._running if s.pending is None), key=lambda s: s.started)
+        pending = sum(s.prompt_length - s.done for s in reading)
+        budget = self.pace.prompt_rows(len(decodes), pending, fresh=not reading[0].started) if pending else 0
         prompts = []
-        for sequence in self._running:
+        for sequence in reading:
             rows = min(sequence.prompt_length - sequence.done, budget)
-            if sequence.pending is None and rows > 0:
+            if rows > 0:
                 prompts.append((sequence, rows))
+                sequence.started = True
                 budget -= rows
         return _Step(decodes, prompts)
 
