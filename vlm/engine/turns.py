@@ -3,7 +3,10 @@
 Encoding an image or a video can take seconds; run in one go it would stop every running answer for that
 long. A thread embedding a prompt therefore computes its vision modules only while it holds the turn, and
 hands it to the scheduler between two modules once it has held it for a slice of time; the scheduler
-hands it back after its step. Decoding keeps its pace while media are encoded, and only one computation
+hands it back after its step. A turn checked only between modules overruns its slice by up to one module
+(a ViT's attention over thousands of patches: as long as a decode step); the overrun is owed, taken off
+the next slices, and a turn that owes a whole slice is skipped while the scheduler waits, so over time the
+encoders take the slices' share. Decoding keeps its pace while media are encoded, and only one computation
 runs at a time, so none competes with another for the cores. An embedding thread stops with
 `vlm.errors.Cancelled` as soon as its request is cancelled (its `vlm.cancellation` scope), between two
 modules or while it waits for the turn.
@@ -41,6 +44,7 @@ class Turns:
         self._owner: object | None = None
         self._queue: deque[object] = deque()  # embedding threads waiting for the turn, in order
         self._scheduler_waiting = False
+        self._owed = 0.0  # seconds the embedding threads held the turn beyond their slices, not yet repaid
         self._local = threading.local()
         for module in modules:
             module.register_forward_pre_hook(self._before_module)
@@ -70,6 +74,7 @@ class Turns:
         finally:
             if state.since is not None:
                 with self._changed:
+                    self._owed += max(0.0, time.monotonic() - state.since - state.allowed)
                     self._hand_on()
             state.token = None
 
@@ -80,24 +85,33 @@ class Turns:
         cancellation.check()
         if state.since is None:
             self._take(state)
-        elif self._scheduler_waiting and time.monotonic() - state.since >= self._slice():
+        elif self._scheduler_waiting and time.monotonic() - state.since >= state.allowed:
             with self._changed:
+                self._owed += time.monotonic() - state.since - state.allowed
                 self._hand_on()
             state.since = None
             self._take(state)
 
     def _take(self, state: threading.local) -> None:
-        """Wait for the turn (in order), watching the request's cancellation."""
+        """Wait for the turn (in order), watching the request's cancellation; while the scheduler waits, skip
+        turns that what is owed would use up (each repays a slice)."""
         with self._changed:
-            if self._owner is None and not self._queue and not self._scheduler_waiting:
-                self._owner = state.token
-            else:
-                self._queue.append(state.token)
-                while self._owner is not state.token:
-                    self._changed.wait(POLL_SECONDS)
-                    if self._owner is not state.token and cancellation.requested():
-                        self._queue.remove(state.token)
-                        raise Cancelled("The request was cancelled.")
+            while True:
+                if self._owner is None and not self._queue and not self._scheduler_waiting:
+                    self._owner = state.token
+                else:
+                    self._queue.append(state.token)
+                    while self._owner is not state.token:
+                        self._changed.wait(POLL_SECONDS)
+                        if self._owner is not state.token and cancellation.requested():
+                            self._queue.remove(state.token)
+                            raise Cancelled("The request was cancelled.")
+                turn = self._slice()
+                if self._owed < turn or not self._scheduler_waiting:
+                    state.allowed, self._owed = turn - self._owed, 0.0
+                    break
+                self._owed -= turn
+                self._hand_on()
         state.since = time.monotonic()
 
     def _hand_on(self) -> None:
