@@ -156,11 +156,17 @@ inline void store_sums(V (&acc)[R][T], float* y, int64_t ldy) {
   }
 }
 
+// A dense weight's rows of fewer bytes than this are read one row at a time for a single activation row: each
+// row of a tile is a memory stream of its own, and short ones read faster as one sequential stream (two
+// threads, bf16, GB/s one row at a time vs four: AMD EPYC Zen 3 AVX2 9728x896 12-17 vs 10-12, 896x4864 13 vs 16;
+// Zen 4 AVX512 896x896 26-28 vs 15-17, 9728x896 30-34 vs 19-21, 1536x1536 26-28 vs 16-19, 1536x8960 one row
+// 17-27 vs 24 four with a bound of 16384; a 0.5B decodes at 24-25 tok/s instead of 18).
+constexpr int64_t kOneStreamBytes = 4096;
+
 #if defined(__AVX512F__)
 
 constexpr int64_t kTile = 8;       // activation rows computed together by the quantized kernel
 constexpr int kDenseColumns = 4;  // activation rows per dense tile
-constexpr int64_t kOneStreamBytes = 0;  // see the AVX2 build's (not measured with AVX512)
 
 inline __m512i broadcast4(const int8_t* p) { return _mm512_set1_epi32(four_codes(p)); }
 
@@ -248,10 +254,6 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t ldy) 
 
 constexpr int64_t kTile = 4;       // activation rows computed together by the quantized kernel
 constexpr int kDenseColumns = 2;  // activation rows per dense tile (16 vector registers)
-// A dense weight's rows of fewer bytes than this are read one row at a time for a single activation row: each
-// row of a tile is a memory stream of its own, and short ones read faster as one sequential stream (AMD EPYC
-// Zen 3, two threads: 9728x896 bf16 12-17 GB/s one row at a time vs 10-12 four; 896x4864 13 vs 16).
-constexpr int64_t kOneStreamBytes = 4096;
 
 inline __m256i broadcast4(const int8_t* p) { return _mm256_set1_epi32(four_codes(p)); }
 
