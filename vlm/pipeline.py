@@ -296,12 +296,10 @@ class BanTokens:
     """Logits processor: the given ids are never sampled (transformers' single-token `bad_words_ids`)."""
 
     def __init__(self, ids: Sequence[int]):
-        self.ids = list(ids)
+        self.ids = torch.tensor(list(ids), dtype=torch.long)  # a list index would be rebuilt at every step
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        logits = logits.clone()
-        logits[:, self.ids] = float("-inf")
-        return logits
+        return logits.index_fill(-1, self.ids.to(logits.device), float("-inf"))
 
 
 def _token_ids(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[int]:
