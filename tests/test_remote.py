@@ -34,6 +34,7 @@ from vlm.families.glm4.tiny import Z1_CHAT_TEMPLATE
 from vlm.remote import RemotePipeline, RemoteServer, servers_from_env
 from vlm.session import SessionManager
 from vlm.ui import Settings, build, launch
+from vlm.ui.chat import ChatTab
 from vlm.ui.turns import answer_messages, draw_boxes, stats_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,6 +339,18 @@ def test_settings():
     for bad in ({"VLM_REMOTE_GPT": "http://x/v1"}, {"VLM_REMOTE_GLM4": "gpu:8000"}, {"VLM_REMOTE_TIMEOUT": "soon"}):
         with pytest.raises(ValueError):
             servers_from_env(bad, FAMILIES)
+
+
+def test_the_status_line_of_a_remote_family_counts_no_memory_here(scripted, checkpoints):
+    manager = SessionManager(device="cpu", dtype="float32",
+                             remote={"glm4v": partial(RemotePipeline.connect, "glm4v", RemoteServer(scripted))})
+    tab = ChatTab(manager, None, ["glm4v", "qwen2_vl"], None, None)  # the status needs neither catalog nor gate
+    manager.get("glm4v", "zai-org/GLM-4.1V-9B-Thinking")
+    status = tab.status_text("glm4v", "zai-org/GLM-4.1V-9B-Thinking")
+    assert "served by a remote server" in status and "Loaded" not in status and "0 B" not in status
+    manager.get("qwen2_vl", checkpoints["qwen2_vl"])
+    status = tab.status_text("glm4v", "zai-org/GLM-4.1V-9B-Thinking")
+    assert "served by a remote server" in status and "Loaded here: qwen2_vl (" in status
 
 
 # ---------------------------------------------------------------------------------------------- the demo

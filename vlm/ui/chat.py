@@ -386,13 +386,17 @@ class ChatTab:
     def status_text(self, family: str, source: str) -> str:
         """Which model is ready, its estimated memory, and what is loaded against the budget."""
         loaded = self.manager.loaded()
-        size = f" · ~{format_bytes(loaded[family].nbytes)}" if family in loaded else ""
+        if self.manager.is_remote(family):
+            size = " · served by a remote server"
+        else:
+            size = f" · ~{format_bytes(loaded[family].nbytes)}" if family in loaded else ""
         lines = [f"**{family}** ready: {label(source)}{size}"]
         if is_tiny(source):
             lines.append("⚠️ Random weights: the answers are gibberish (see the banner to use real weights).")
-        total = format_bytes(sum(e.nbytes for e in loaded.values()))
-        budget = f" of a {format_bytes(self.manager.budget)} budget" if self.manager.budget else ""
-        lines.append(f"Loaded: {', '.join(loaded)} ({total}{budget})")
+        if loaded:  # remote families hold no memory here
+            total = format_bytes(sum(e.nbytes for e in loaded.values()))
+            budget = f" of a {format_bytes(self.manager.budget)} budget" if self.manager.budget else ""
+            lines.append(f"Loaded here: {', '.join(loaded)} ({total}{budget})")
         return "\n\n".join(lines)
 
     def api_chat(self, message: dict[str, Any] | None, family: str, checkpoint: str, system: str,
