@@ -157,11 +157,17 @@ inline void store_sums(V (&acc)[R][T], float* y, int64_t ldy) {
 }
 
 // A dense weight's rows of fewer bytes than this are read one row at a time for a single activation row: each
-// row of a tile is a memory stream of its own, and short ones read faster as one sequential stream (two
-// threads, bf16, GB/s one row at a time vs four: AMD EPYC Zen 3 AVX2 9728x896 12-17 vs 10-12, 896x4864 13 vs 16;
-// Zen 4 AVX512 896x896 26-28 vs 15-17, 9728x896 30-34 vs 19-21, 1536x1536 26-28 vs 16-19, 1536x8960 one row
-// 17-27 vs 24 four with a bound of 16384; a 0.5B decodes at 24-25 tok/s instead of 18).
+// row of a tile is a memory stream of its own, and short ones read faster as one sequential stream. Two threads,
+// bf16, read from DRAM, GB/s one row at a time vs four. AMD EPYC Zen 3 AVX2: 9728x896 12-17 vs 10-12, but
+// 896x4864 13 vs 16. Zen 4 AVX512: 896x896 26-28 vs 15-17, 2048x2048 23-26 vs 19-20, 2048x5632 23-30 vs 16-22,
+// 18944x3584 26-34 vs 19-21, 8960x1536 27-34 vs 20-26; rows of 16 KiB and more as fast or faster four at a time
+// (1536x8960 18-21 vs 18-23, 3584x18944 20-26 vs 21-26). Zen 4 decode, tok/s, a bound of 16384 vs 4096:
+// 2048x5632x6 decoder 44-67 vs 39-44, 0.5B 27-34 vs 26-28, 2B 9.2-10.8 vs 8.6-9.3 (4096 vs none: 24-25 vs 18).
+#if defined(__AVX512F__)
+constexpr int64_t kOneStreamBytes = 16384;
+#else
 constexpr int64_t kOneStreamBytes = 4096;
+#endif
 
 #if defined(__AVX512F__)
 
