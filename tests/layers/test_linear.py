@@ -17,8 +17,9 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, torch.devic
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_ROWS, KERNEL_ROWS + 1, 257])  # the kernels up to KERNEL_ROWS
 @pytest.mark.parametrize("bias", [True, False])
-# 37: a part of a vector after the whole ones; the rest cross the bounds (4 KiB on AVX2, 16 KiB on AVX512) under
-# which rows are read one at a time: 2085 (bf16 4170 bytes, float32 8340), 4100 (8200, 16400), 8197 (16394, 32788)
+# 37: a part of a vector after the whole ones; the rest cross the bounds on rows x row bytes (4 KiB on AVX2, 16 KiB
+# on AVX512) under which weight rows are read one at a time: rows of 2085 (bf16 4170 bytes, float32 8340), 4100
+# (8200, 16400), 8197 (16394, 32788)
 @pytest.mark.parametrize("inputs", [96, 37, 2085, 4100, 8197])
 def test_packed_matches_linear(dtype, rows, bias, inputs):
     if not supported(dtype, torch.device("cpu")):

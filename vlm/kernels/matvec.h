@@ -156,12 +156,15 @@ inline void store_sums(V (&acc)[R][T], float* y, int64_t ldy) {
   }
 }
 
-// A dense weight's rows of fewer bytes than this are read one row at a time for a single activation row: each
-// row of a tile is a memory stream of its own, and short ones read faster as one sequential stream. Two threads,
-// bf16, read from DRAM, GB/s one row at a time vs four. AMD EPYC Zen 3 AVX2: 9728x896 12-17 vs 10-12, but
-// 896x4864 13 vs 16. Zen 4 AVX512: 896x896 26-28 vs 15-17, 2048x2048 23-26 vs 19-20, 2048x5632 23-30 vs 16-22,
-// 18944x3584 26-34 vs 19-21, 8960x1536 27-34 vs 20-26; rows of 16 KiB and more as fast or faster four at a time
-// (1536x8960 18-21 vs 18-23, 3584x18944 20-26 vs 21-26). Zen 4 decode, tok/s, a bound of 16384 vs 4096:
+// A dense weight is read one row at a time when its rows times the activation rows they meet (m x row bytes) are
+// fewer bytes than this, else four rows at a time: each row of a tile is a memory stream of its own, and short
+// ones read faster as one sequential stream, while long ones against several activation rows need the four rows'
+// reuse of each activation load. Two threads, bf16, read from DRAM, GB/s one row at a time vs four. AMD EPYC Zen 3
+// AVX2, m = 1: 9728x896 12-17 vs 10-12, but 896x4864 13 vs 16. Zen 4 AVX512, m = 1: 896x896 26-28 vs 15-17,
+// 2048x2048 23-26 vs 19-20, 2048x5632 23-30 vs 16-22, 18944x3584 26-34 vs 19-21, 8960x1536 27-34 vs 20-26, rows of
+// 16 KiB and more as fast or faster four at a time (1536x8960 18-21 vs 18-23, 3584x18944 20-26 vs 21-26); m = 2-8:
+// 4864x896 22-32 vs 14-22, 2048x2048 at m = 2 27-31 vs 18-23, 37888x3584 at m = 2 28-31 vs 22-26, but 2048x5632
+// at m = 4 17 vs 25 and 2048x2048 at m = 8 14 vs 17. Zen 4 decode, tok/s, a bound of 16384 vs 4096 at m = 1:
 // 2048x5632x6 decoder 44-67 vs 39-44, 0.5B 27-34 vs 26-28, 2B 9.2-10.8 vs 8.6-9.3 (4096 vs none: 24-25 vs 18).
 #if defined(__AVX512F__)
 constexpr int64_t kOneStreamBytes = 16384;
@@ -412,8 +415,8 @@ void quantized_groups(const uint8_t* w, const at::Half* s, const Activations& a,
 }
 
 
-// Rows [n0, n1) of a dense weight against every activation row: 4 rows x up to kDenseColumns activation rows
-// per tile.
+// Rows [n0, n1) of a dense weight against every activation row: 4 rows (or 1, see kOneStreamBytes) x up to
+// kDenseColumns activation rows per tile.
 template <typename W>
 void dense_rows(const W* w, const W* x, int64_t m, int64_t k, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   constexpr int R = 4;
@@ -427,15 +430,15 @@ void dense_rows(const W* w, const W* x, int64_t m, int64_t k, int64_t n0, int64_
   };
   using One = std::integral_constant<int, 1>;
   using Four = std::integral_constant<int, R>;
-  const bool one_stream = m == 1 && k * static_cast<int64_t>(sizeof(W)) < kOneStreamBytes;
-  int64_t r = n0;
-  for (; !one_stream && r + R <= n1; r += R) {
+  const bool one_stream = m * k * static_cast<int64_t>(sizeof(W)) < kOneStreamBytes;
+  auto rows = [&](auto count, int64_t r) {
     int64_t t = 0;
-    for (; t + kDenseColumns <= m; t += kDenseColumns) tile(Four{}, std::integral_constant<int, kDenseColumns>{}, r, t);
-    if (t < m) with_tile<kDenseColumns>(m - t, [&](auto cols) { tile(Four{}, cols, r, t); });
-  }
-  for (; r < n1; ++r)
-    for (int64_t t = 0; t < m; ++t) tile(One{}, One{}, r, t);
+    for (; t + kDenseColumns <= m; t += kDenseColumns) tile(count, std::integral_constant<int, kDenseColumns>{}, r, t);
+    if (t < m) with_tile<kDenseColumns>(m - t, [&](auto cols) { tile(count, cols, r, t); });
+  };
+  int64_t r = n0;
+  for (; !one_stream && r + R <= n1; r += R) rows(Four{}, r);
+  for (; r < n1; ++r) rows(One{}, r);
 }
 
 inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
