@@ -3,6 +3,7 @@ tools are built) the whole interleaved run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -91,3 +92,27 @@ def test_peer_benchmark_runs_both_sides_interleaved(tmp_path):
     assert set(quality) == {"float32", "int8", "int4", "Q8_0", "Q4_0"}
     table = (tmp_path / "out" / "results-peer.md").read_text()
     assert "| qwen2_vl_tiny | int4 (Q4_0" in table and "llama.cpp Q8_0" in table
+
+
+@pytest.mark.skipif(_llama_bench() is None, reason="llama.cpp's llama-bench is not built (set VLM_LLAMA_BENCH)")
+def test_a_failing_quality_worker_costs_only_its_quality_rows(tmp_path):
+    """A quality worker that dies (one holding float32 copies of a 3B model was killed for memory) leaves the
+    speed figures and says why the quality rows are missing."""
+    from vlm.bench.__main__ import _run, measure_bandwidth
+    from vlm.bench.peer import run_peer, to_markdown
+
+    def run(command):
+        if "vlm.bench.quality_worker" in command:
+            return _run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+        return _run(command)
+
+    args = argparse.Namespace(llama_bench=_llama_bench(), cache=str(tmp_path), precisions="bfloat16,int8",
+                              models="qwen2_vl_tiny", rounds=1, threads=2, prompt=16, gen=4, skip_reference=True)
+    report = run_peer(args, run, lambda: measure_bandwidth(1 << 26, 2))
+    assert [r["precision"] for r in report["rows"]] == ["bfloat16", "int8"]
+    assert all(r["ours_decode_tok_s"] > 0 and r["llama_decode_tok_s"] > 0 for r in report["rows"])
+    assert report["quality"] == {}
+    reason = report["quality_not_measured"]["qwen2_vl_tiny"]
+    assert "exit code -9 (killed, e.g. for memory)" in reason
+    report.update(machine="test", load="0", date="today")
+    assert f"| qwen2_vl_tiny | not measured: {reason} | - | - |" in to_markdown(report)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import platform
 import statistics
 import subprocess
@@ -112,7 +113,8 @@ def _run(command: list[str]) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise SystemExit(f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}")
+        killed = " (killed, e.g. for memory)" if done.returncode == -signal.SIGKILL else ""
+        raise SystemExit(f"{' '.join(command[:3])} failed with exit code {done.returncode}{killed}:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

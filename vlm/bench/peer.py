@@ -26,7 +26,7 @@ def run_peer(args, run, measure_bandwidth) -> dict:
     cache = Path(args.cache)
     (cache / "gguf").mkdir(parents=True, exist_ok=True)
     precisions = args.precisions.split(",")
-    rows, bandwidths, qualities = [], [], {}
+    rows, bandwidths, qualities, unmeasured = [], [], {}, {}
     for name in args.models.split(","):
         checkpoint = build_checkpoint(name, cache, "bfloat16")
         bf16 = export_gguf(checkpoint, cache / "gguf" / f"{name}-bf16.gguf")
@@ -45,9 +45,12 @@ def run_peer(args, run, measure_bandwidth) -> dict:
         reference = None if args.skip_reference else run([
             sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "reference_worker.py"), str(checkpoint),
             "--family", MODELS[name].family, "--threads", str(args.threads), "--decode-only", "--gen", str(args.gen)])
-        qualities[name] = run([sys.executable, "-m", "vlm.bench.quality_worker", str(checkpoint), "--threads",
-                       str(args.threads), "--ours", ",".join(PRECISIONS[p] for p in precisions if PRECISIONS[p]),
-                       "--gguf", *(f"{llama_cpp.FILE_TYPES[p]}={files[p]}" for p in precisions if PRECISIONS[p])])
+        try:
+            qualities[name] = run([sys.executable, "-m", "vlm.bench.quality_worker", str(checkpoint), "--threads",
+                           str(args.threads), "--ours", ",".join(PRECISIONS[p] for p in precisions if PRECISIONS[p]),
+                           "--gguf", *(f"{llama_cpp.FILE_TYPES[p]}={files[p]}" for p in precisions if PRECISIONS[p])])
+        except SystemExit as failure:  # e.g. killed for memory (float32 copies of a 3B): the speed figures stand
+            unmeasured[name] = str(failure).splitlines()[0]
         for precision in precisions:
             rows.append(_row(name, precision, samples[precision], files[precision], reference))
     bandwidth = statistics.median(bandwidths)
@@ -55,7 +58,8 @@ def run_peer(args, run, measure_bandwidth) -> dict:
         row["ours_roofline_fraction"] = row["ours_decode_tok_s"] * row["ours_decode_bytes"] / bandwidth
         row["llama_roofline_fraction"] = row["llama_decode_tok_s"] * row["llama_decode_bytes"] / bandwidth
     return {"bandwidth_gb_s": bandwidth / 1e9, "bandwidth_samples_gb_s": [b / 1e9 for b in bandwidths],
-            "prompt_tokens": args.prompt, "decode_tokens": args.gen, "rows": rows, "quality": qualities}
+            "prompt_tokens": args.prompt, "decode_tokens": args.gen, "rows": rows, "quality": qualities,
+            "quality_not_measured": unmeasured}
 
 
 def _median(results: list[dict], key: str) -> float:
@@ -114,4 +118,6 @@ def to_markdown(report: dict) -> str:
         for label, q in quality.items():
             label = label if label in PRECISIONS or label == "float32" else f"llama.cpp {label}"
             lines.append(f"| {model} | {label} | {q['logit_error']:.1%} | {q['top1_agreement']:.0%} |")
+    for model, reason in report["quality_not_measured"].items():
+        lines.append(f"| {model} | not measured: {reason} | - | - |")
     return "\n".join(lines) + "\n"
