@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,7 +114,8 @@ def _run(command: list[str]) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         killed = " (killed, e.g. for memory)" if done.returncode == -signal.SIGKILL else ""
-        raise SystemExit(f"{' '.join(command[:3])} failed with exit code {done.returncode}{killed}:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{' '.join(command[:3])} failed with exit code {done.returncode}{killed}:\n"
+                         f"{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
